@@ -1,0 +1,390 @@
+"""Atomic checkpoints of a pytree of arrays plus a JSON config.
+
+A checkpoint is a directory holding
+
+  config.json   the caller's config, plus "format_version" and "library_version"
+  params/       an orbax checkpoint of the arrays, stored as numpy
+  COMPLETE      an empty marker, written last
+
+It is built in a sibling `<name>.tmp-<random>` directory, fsynced, and only
+then renamed into place, so a crash at any moment leaves the previous complete
+checkpoint or the new complete one, never a half-written directory that `load`
+accepts. Arrays are stored as a nested dict keyed by their pytree path (an
+`nnx.State`, optax's namedtuples and plain tuples all flatten the same way),
+and `load` rebuilds the caller's structure from a `target` pytree, checking
+every leaf's shape and dtype against it.
+
+`TrainCheckpointer` keeps the last few `step_<n>/` checkpoints of a training
+run, with the same layout, so that an interrupted run can resume.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+import adaptor
+
+FORMAT_VERSION = 1
+_CONFIG = "config.json"
+_PARAMS = "params"
+_MARKER = "COMPLETE"
+_STEP_RE = re.compile(r"step_(\d+)")
+_LEFTOVER_RE = re.compile(r"(step_\d+)\.(tmp|old)-.+")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing, incomplete, or does not match what was asked for."""
+
+
+# ---------------------------------------------------------------- pytrees
+
+
+def _key_str(key) -> str:
+  # Orbax stores dict keys as strings and tuples as lists, so every container
+  # level is keyed by a string here; the target restores the real structure.
+  # DictKey and FlattenedIndexKey have .key, SequenceKey .idx, GetAttrKey .name.
+  for attr in ("key", "idx", "name"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _flatten(tree):
+  """[(path as tuple of str, leaf)] and treedef; nnx Variables count as leaves."""
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  pairs, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_var)
+  return [(tuple(_key_str(k) for k in path), leaf) for path, leaf in pairs], treedef
+
+
+def _unwrap(leaf):
+  if isinstance(leaf, nnx.Variable):
+    return leaf.get_value() if hasattr(leaf, "get_value") else leaf.value
+  return leaf
+
+
+def _to_nested_numpy(state) -> dict:
+  """The leaves of `state` as numpy arrays in a nested dict keyed by path."""
+  pairs, _ = _flatten(state)
+  if not pairs:
+    raise ValueError("state must contain at least one array, found an empty pytree")
+  nested: dict = {}
+  for path, leaf in pairs:
+    name = "/".join(path)
+    value = _unwrap(leaf)
+    if not path:
+      raise TypeError(
+          f"state must be a pytree container (dict, nnx.State, ...), got {type(value).__name__}"
+      )
+    if isinstance(value, jax.ShapeDtypeStruct):
+      raise TypeError(f"state leaf '{name}' must be a concrete array, got an abstract {value}")
+    if hasattr(value, "dtype") and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+      raise TypeError(
+          f"state leaf '{name}' is a typed PRNG key; store jax.random.key_data(key) instead, "
+          "or save only the parameters, e.g. nnx.state(model, nnx.Param)"
+      )
+    node = nested
+    for part in path[:-1]:
+      node = node.setdefault(part, {})
+      if not isinstance(node, dict):
+        raise ValueError(f"state leaf '{name}' clashes with another leaf of the same path")
+    if path[-1] in node:
+      raise ValueError(f"state leaf '{name}' clashes with another leaf of the same path")
+    node[path[-1]] = np.asarray(value)
+  return nested
+
+
+def _restore_leaf(name: str, spec, found: np.ndarray, where: Path):
+  """Checks one stored array against its target leaf and returns it in the target's type."""
+  value = _unwrap(spec)
+  # Python scalars (e.g. early-stopping counters) match by kind and come back as Python scalars.
+  is_scalar = isinstance(value, (bool, int, float, complex)) and not isinstance(value, np.generic)
+  if is_scalar:
+    ok = found.shape == () and found.dtype.kind == np.asarray(value).dtype.kind
+    want = f"a Python {type(value).__name__} (shape ())"
+  else:
+    shape, dtype = tuple(value.shape), np.dtype(value.dtype)
+    ok = found.shape == shape and found.dtype == dtype
+    want = f"shape {shape} dtype {dtype}"
+  if not ok:
+    raise CheckpointError(
+        f"{where}: leaf '{name}' expected {want} (from target), "
+        f"found shape {found.shape} dtype {found.dtype}"
+    )
+  if is_scalar:
+    new = type(value)(found.item())
+  elif isinstance(value, np.ndarray):
+    new = found
+  elif isinstance(value, np.generic):
+    new = found[()]
+  else:  # A jax.Array or ShapeDtypeStruct: a device array, on the target's sharding if any.
+    new = jax.device_put(found, getattr(value, "sharding", None))
+  return spec.replace(value=new) if isinstance(spec, nnx.Variable) else new
+
+
+def _fit_to_target(nested: dict, target, where: Path):
+  stored = {path: np.asarray(leaf) for path, leaf in _flatten(nested)[0]}
+  pairs, treedef = _flatten(target)
+  wanted = {path for path, _ in pairs}
+  missing = sorted("/".join(p) for p in wanted - stored.keys())
+  extra = sorted("/".join(p) for p in stored.keys() - wanted)
+  if missing or extra:
+    raise CheckpointError(
+        f"{where}: the stored arrays do not match the target's structure: "
+        f"missing from checkpoint {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+        f"not in target {extra[:5]}{' ...' if len(extra) > 5 else ''}"
+    )
+  leaves = [_restore_leaf("/".join(path), spec, stored[path], where) for path, spec in pairs]
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# ---------------------------------------------------------------- disk
+
+
+def _write_params(path: Path, nested: dict) -> None:
+  # The synchronous Checkpointer returns only once everything is on disk, so
+  # no background save can still be running when the directory is renamed.
+  with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+    ckptr.save(path, args=ocp.args.StandardSave(nested))
+
+
+def _read_params(path: Path) -> dict:
+  with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+    restored = ckptr.restore(path, args=ocp.args.StandardRestore())
+  return jax.tree.map(np.asarray, restored)
+
+
+def _fsync_dir(path: Path) -> None:
+  if os.name == "posix":  # Directories cannot be opened for fsync on Windows.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+  for dirpath, _, filenames in os.walk(root):
+    for filename in filenames:
+      fd = os.open(os.path.join(dirpath, filename), os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+    _fsync_dir(Path(dirpath))
+
+
+def _remove_tree(path: Path) -> None:
+  shutil.rmtree(path, ignore_errors=True)
+
+
+def _swap_into_place(tmp: Path, directory: Path) -> None:
+  """Renames the complete `tmp` to `directory`, replacing any old checkpoint there."""
+  if not directory.exists():
+    os.replace(tmp, directory)
+    _fsync_dir(directory.parent)
+    return
+  # A directory cannot be renamed over a non-empty one, so the old checkpoint
+  # steps aside first; it is deleted only once the new one is in place.
+  token = tmp.name[len(f"{directory.name}.tmp-"):]
+  old = directory.parent / f"{directory.name}.old-{token}"
+  os.replace(directory, old)
+  try:
+    os.replace(tmp, directory)
+  except BaseException:
+    os.replace(old, directory)
+    raise
+  _fsync_dir(directory.parent)
+  _remove_tree(old)
+
+
+def _is_checkpoint_or_empty(directory: Path) -> bool:
+  return directory.is_dir() and ((directory / _MARKER).is_file() or not any(directory.iterdir()))
+
+
+def save(directory: str | os.PathLike, state, config: dict, *, overwrite: bool = True) -> None:
+  """Atomically writes `state` and `config` as a checkpoint at `directory`.
+
+  Args:
+    directory: checkpoint path; its parent is created if needed.
+    state: pytree of arrays (e.g. an `nnx.State`, a dict, optax state); every
+      leaf is stored as a numpy array under its pytree path.
+    config: JSON-serialisable dict saved as `config.json`, with
+      "format_version" and "library_version" added.
+    overwrite: whether an existing checkpoint at `directory` may be replaced.
+  """
+  directory = Path(directory).absolute()  # Orbax wants absolute paths.
+  if not isinstance(config, dict):
+    raise TypeError(f"config must be a dict, got {type(config).__name__}")
+  meta = {"format_version": FORMAT_VERSION, "library_version": adaptor.__version__}
+  config = {**meta, **{k: v for k, v in config.items() if k not in meta}}
+  config_text = json.dumps(config, indent=2) + "\n"  # Fails here, before touching the disk.
+  nested = _to_nested_numpy(state)
+  if directory.exists():
+    if not overwrite:
+      raise CheckpointError(
+          f"{directory}: expected a new path (overwrite=False), found an existing one"
+      )
+    if not _is_checkpoint_or_empty(directory):
+      raise CheckpointError(
+          f"{directory}: refusing to replace it, expected a checkpoint (with a {_MARKER} marker) "
+          "or an empty directory, found other contents"
+      )
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f"{directory.name}.tmp-", dir=directory.parent))
+  try:
+    _write_params(tmp / _PARAMS, nested)
+    (tmp / _CONFIG).write_text(config_text)
+    _fsync_tree(tmp)
+    # The marker goes last: a directory that has it has everything else.
+    with open(tmp / _MARKER, "w") as f:
+      f.flush()
+      os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    _swap_into_place(tmp, directory)
+  except BaseException:
+    _remove_tree(tmp)
+    raise
+
+
+def _checked(directory: str | os.PathLike) -> tuple[Path, dict]:
+  """Validates a checkpoint directory and returns its absolute path and config."""
+  directory = Path(directory).absolute()
+  if not directory.is_dir():
+    name = glob.escape(directory.name)
+    leftovers = sorted(
+        str(p) for kind in ("tmp", "old") for p in directory.parent.glob(f"{name}.{kind}-*")
+    )
+    hint = f" (an interrupted save left {leftovers})" if leftovers else ""
+    raise CheckpointError(f"{directory}: expected a checkpoint directory, found none{hint}")
+  if not (directory / _MARKER).is_file():
+    raise CheckpointError(
+        f"{directory}: expected a complete checkpoint with a {_MARKER} marker, found none "
+        "(an interrupted save, or not a checkpoint)"
+    )
+  path = directory / _CONFIG
+  try:
+    config = json.loads(path.read_text())
+  except FileNotFoundError:
+    raise CheckpointError(f"{path}: expected a JSON config file, found none") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path}: expected valid JSON, found a parse error: {e}") from None
+  if not isinstance(config, dict):
+    raise CheckpointError(f"{path}: expected a JSON object, found {type(config).__name__}")
+  if config.get("format_version") != FORMAT_VERSION:
+    raise CheckpointError(
+        f"{path}: expected format_version {FORMAT_VERSION}, found {config.get('format_version')!r}"
+    )
+  if not (directory / _PARAMS).is_dir():
+    raise CheckpointError(
+        f"{directory / _PARAMS}: expected an orbax checkpoint directory, found none"
+    )
+  return directory, config
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+  """The config of the checkpoint at `directory`, validated as by `load`; reads no arrays."""
+  return _checked(directory)[1]
+
+
+def load(directory: str | os.PathLike, target=None) -> tuple[Any, dict]:
+  """Reads the checkpoint at `directory`.
+
+  Args:
+    directory: a checkpoint written by `save`.
+    target: optional pytree with the structure to restore into, e.g.
+      `nnx.state(nnx.eval_shape(...))`, an optax state, or a concrete pytree.
+      Its leaves (arrays, `jax.ShapeDtypeStruct`s or Python scalars) give the
+      expected shape and dtype of each stored array.
+
+  Returns:
+    `(state, config)`: with a target, a pytree of its structure whose jax
+    leaves are device arrays and numpy leaves numpy arrays; without one, a
+    nested dict of numpy arrays keyed by path as strings (tuples and list
+    indices become "0", "1", ...). `config` includes "format_version" and
+    "library_version".
+  """
+  directory, config = _checked(directory)
+  nested = _read_params(directory / _PARAMS)
+  if target is None:
+    return nested, config
+  return _fit_to_target(nested, target, directory / _PARAMS), config
+
+
+# ---------------------------------------------------------------- training
+
+
+class TrainCheckpointer:
+  """Keeps the latest `keep` training checkpoints as `directory/step_<n>/`.
+
+  Each step is a checkpoint as written by `save`, whose config is
+  `{"step": step, "meta": meta}`; leftovers of a crashed save are ignored by
+  `latest` and removed by `save` and `restore`.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, keep: int = 1):
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+      raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+    self.directory = Path(directory).absolute()
+    self.keep = keep
+
+  def _complete_steps(self) -> dict[int, Path]:
+    if not self.directory.is_dir():
+      return {}
+    steps = {}
+    for child in self.directory.iterdir():
+      match = _STEP_RE.fullmatch(child.name)
+      if match and (child / _MARKER).is_file():
+        steps[int(match.group(1))] = child
+    return steps
+
+  def _clean_leftovers(self) -> None:
+    for child in list(self.directory.iterdir()) if self.directory.is_dir() else []:
+      match = _LEFTOVER_RE.fullmatch(child.name)
+      if not match:
+        continue
+      live = self.directory / match.group(1)
+      if match.group(2) == "old" and not live.exists() and (child / _MARKER).is_file():
+        os.replace(child, live)  # A crash between the two renames of an overwrite.
+      else:
+        _remove_tree(child)
+
+  def latest(self) -> int | None:
+    """The highest step with a complete checkpoint, or None."""
+    return max(self._complete_steps(), default=None)
+
+  def save(self, step: int, state, meta: dict) -> None:
+    """Atomically writes `state` (pytree of arrays) and `meta` (JSON) for `step`, then prunes."""
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+      raise ValueError(f"step must be an int >= 0, got {step!r}")
+    save(self.directory / f"step_{int(step):09d}", state, {"step": int(step), "meta": meta})
+    self._clean_leftovers()
+    steps = self._complete_steps()
+    for old in sorted(steps)[: -self.keep]:
+      _remove_tree(steps[old])
+
+  def restore(self, target=None) -> tuple[int, Any, dict]:
+    """Loads the latest complete checkpoint into `target` (see `load`).
+
+    Returns:
+      `(step, state, meta)`.
+    """
+    self._clean_leftovers()
+    step = self.latest()
+    if step is None:
+      raise CheckpointError(
+          f"{self.directory}: expected at least one complete step_* checkpoint, found none"
+      )
+    state, config = load(self._complete_steps()[step], target)
+    return step, state, config["meta"]
