@@ -1,5 +1,17 @@
-"""matryoshka-adaptor: make the embeddings of a frozen model truncatable."""
+"""matryoshka-adaptor: make the embeddings of a frozen model truncatable.
+
+    import adaptor
+    model = adaptor.fit(corpus_embeddings, dims=(16, 32, 64, 128), seed=0)
+    vectors = model.apply(embeddings, dim=64)            # [n, 64], unit norm
+    model.save("checkpoints/scifact"); model = adaptor.load("checkpoints/scifact")
+"""
 
 __version__ = "0.1.0"
 
+from adaptor.api import Adaptor, load
+from adaptor.checkpoint import CheckpointError
+from adaptor.data import Embeddings, InputError, load_beir, load_embeddings, load_qrels
+from adaptor.metrics import evaluate, evaluate_topk
+from adaptor.model import AdaptorConfig, MatryoshkaAdaptor, default_dims
 from adaptor.search import exact_search, l2_normalize, truncate
+from adaptor.train import LossWeights, TrainConfig, fit

@@ -1,0 +1,108 @@
+"""The fitted adaptor users hold: apply, save, load."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+import adaptor
+from adaptor import checkpoint
+from adaptor.checkpoint import CheckpointError
+from adaptor.data import check_embeddings
+from adaptor.model import AdaptorConfig, MatryoshkaAdaptor, apply_adaptor
+
+
+class Adaptor:
+  """A fitted Matryoshka-Adaptor with the config and training record that explain it.
+
+  Attributes:
+    module: the flax NNX `MatryoshkaAdaptor`.
+    config: its `AdaptorConfig` (d_in, d_out, hidden, reorder, dims).
+    train_config: the `TrainConfig` it was fitted with (a dict after `load`).
+    info: training record: data fingerprints, validation history, timings.
+  """
+
+  def __init__(self, module: MatryoshkaAdaptor, *, train_config=None, info=None):
+    self.module = module
+    self.train_config = train_config
+    self.info = dict(info or {})
+
+  @property
+  def config(self) -> AdaptorConfig:
+    return self.module.config
+
+  @property
+  def d_in(self) -> int:
+    return self.config.d_in
+
+  @property
+  def d_out(self) -> int:
+    return self.config.d_out
+
+  @property
+  def dims(self) -> tuple[int, ...]:
+    return self.config.dims
+
+  def __repr__(self):
+    c = self.config
+    return (f"Adaptor(d_in={c.d_in}, d_out={c.d_out}, hidden={c.hidden}, "
+            f"reorder={c.reorder}, dims={list(c.dims)})")
+
+  def apply(self, embeddings, *, dim: int | None = None, dtype=np.float32,
+            batch_size: int = 8192) -> np.ndarray:
+    """Adapts embeddings and returns their first `dim` coordinates, L2-normalised.
+
+    Args:
+      embeddings: frozen-model embeddings (queries or documents alike), with
+        shape [n, d_in]; may be a memmap.
+      dim: output size (default d_out).
+      dtype: float32 or float16.
+      batch_size: rows per device call.
+
+    Returns:
+      np.ndarray [n, dim] of unit-norm rows.
+    """
+    x = check_embeddings(embeddings, name="embeddings", dim=self.d_in)
+    return apply_adaptor(self.module, x, dim=dim, dtype=dtype, batch_size=batch_size)
+
+  __call__ = apply
+
+  def save(self, directory, *, overwrite: bool = True) -> None:
+    """Atomically writes the adaptor to `directory` (orbax params + config.json)."""
+    tc = self.train_config
+    tc = tc.to_dict() if hasattr(tc, "to_dict") else tc
+    config = {"adaptor": self.config.to_dict(), "train_config": tc, "info": self.info}
+    checkpoint.save(directory, nnx.state(self.module, nnx.Param), config, overwrite=overwrite)
+
+
+def load(directory, *, d_in: int | None = None) -> Adaptor:
+  """Loads an adaptor saved by `Adaptor.save`, validating its config and arrays.
+
+  Args:
+    directory: the checkpoint directory.
+    d_in: if given, the embedding size the adaptor must accept; a checkpoint
+      for another size is refused.
+  """
+  config = checkpoint.read_config(directory)
+  found = config.get("library_version")
+  if str(found).split(".")[:2] != adaptor.__version__.split(".")[:2]:
+    raise CheckpointError(
+        f"{directory}: expected a checkpoint from matryoshka-adaptor {adaptor.__version__} "
+        f"(same major.minor), found library_version {found!r}")
+  try:
+    cfg = AdaptorConfig.from_dict(config["adaptor"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(f"{directory}/config.json: expected a valid 'adaptor' section, found error: {e}") from None
+  if d_in is not None and cfg.d_in != d_in:
+    raise CheckpointError(
+        f"{directory}: adaptor expects embeddings with d_in={cfg.d_in}, but the embeddings have d={d_in}")
+  abstract = nnx.eval_shape(lambda: MatryoshkaAdaptor(
+      cfg.d_in, d_out=cfg.d_out, hidden=cfg.hidden, reorder=cfg.reorder, rngs=nnx.Rngs(0)))
+  graphdef, target, rest = nnx.split(abstract, nnx.Param, ...)
+  state, _ = checkpoint.load(directory, target)
+  module = nnx.merge(graphdef, state, rest)
+  module.config = cfg
+  return Adaptor(module, train_config=config.get("train_config"), info=config.get("info"))

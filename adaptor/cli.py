@@ -1,0 +1,234 @@
+"""Command line: `matryoshka-adaptor fit | apply | eval`.
+
+Bad input (a file, an array, a checkpoint) exits with status 2 and one line
+that names the thing, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+EXAMPLES = """\
+examples (on the SciFact data shipped in data/):
+  # fit an unsupervised adaptor on corpus embeddings (+ unlabeled train queries)
+  matryoshka-adaptor fit --beir data/scifact --model all-MiniLM-L6-v2 --out checkpoints/scifact-minilm
+
+  # fit a supervised adaptor on the train qrels
+  matryoshka-adaptor fit --beir data/scifact --model all-MiniLM-L6-v2 --supervised \\
+      --out checkpoints/scifact-minilm-sup
+
+  # compare raw truncation, PCA and the adaptor on the test queries (table + JSON + PNG)
+  matryoshka-adaptor eval --beir data/scifact --model all-MiniLM-L6-v2 \\
+      --checkpoint checkpoints/scifact-minilm --out results/scifact-minilm
+
+  # adapt any embeddings file to 64 dims (float16)
+  matryoshka-adaptor apply --checkpoint checkpoints/scifact-minilm \\
+      --input data/scifact/embeddings/all-MiniLM-L6-v2/corpus.npy --dim 64 --dtype float16 \\
+      --output corpus-64.npy
+"""
+
+
+def _dims(text: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated ints like 16,32,64, got {text!r}")
+
+
+def _add_input_args(p, *, with_beir: bool):
+  if with_beir:
+    p.add_argument("--beir", help="BEIR-layout folder with embeddings/<model>/ and qrels/")
+    p.add_argument("--model", help="embedding model folder under <beir>/embeddings/")
+  p.add_argument("--corpus", help="corpus embeddings: .npy, .npz, .parquet or a saved HF dataset")
+  p.add_argument("--column", help="embedding column/array name (npz, parquet, HF datasets)")
+  p.add_argument("--corpus-ids", help="text file with one corpus id per line")
+  p.add_argument("--queries", help="query embeddings (same formats as --corpus)")
+  p.add_argument("--query-ids", help="text file with one query id per line")
+  p.add_argument("--qrels", help="BEIR qrels TSV (query-id, corpus-id, score)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="matryoshka-adaptor",
+      description="Make the embeddings of a frozen model truncatable (Matryoshka-Adaptor).",
+      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  fit = sub.add_parser("fit", help="fit an adaptor on cached embeddings", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+  _add_input_args(fit, with_beir=True)
+  fit.add_argument("--split", default="train", help="qrels split used for training (BEIR input)")
+  fit.add_argument("--supervised", action="store_true", help="train on qrels (two stages)")
+  fit.add_argument("--no-queries", action="store_true",
+                   help="do not use unlabeled query embeddings as anchors")
+  fit.add_argument("--dims", type=_dims, help="Matryoshka dims, e.g. 16,32,64,128,384")
+  fit.add_argument("--d-out", type=int, help="adapted size (default: input size)")
+  fit.add_argument("--hidden", type=int, help="residual MLP width (0: none)")
+  fit.add_argument("--steps", type=int, help="max unsupervised steps")
+  fit.add_argument("--supervised-steps", type=int, help="max supervised steps")
+  fit.add_argument("--seed", type=int, default=0)
+  fit.add_argument("--out", required=True, help="checkpoint directory, e.g. checkpoints/NAME")
+  fit.add_argument("--resume-dir", help="where training state is kept to resume an interrupted "
+                   "fit (default: <out>.train)")
+  fit.add_argument("--quiet", action="store_true", help="no progress bar")
+
+  app = sub.add_parser("apply", help="adapt an embeddings file", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+  app.add_argument("--checkpoint", required=True)
+  app.add_argument("--input", required=True, help=".npy, .npz, .parquet or saved HF dataset")
+  app.add_argument("--column", help="embedding column/array name")
+  app.add_argument("--output", required=True, help="output .npy path (written atomically)")
+  app.add_argument("--dim", type=int, help="output dims (default: all)")
+  app.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+  app.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+  ev = sub.add_parser("eval", help="compare raw truncation, PCA and adaptors per dim",
+                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+  _add_input_args(ev, with_beir=True)
+  ev.add_argument("--split", default="test", help="qrels split to evaluate on (BEIR input)")
+  ev.add_argument("--checkpoint", action="append", default=[],
+                  help="adaptor checkpoint (repeatable; NAME=PATH to label it)")
+  ev.add_argument("--dims", type=_dims, help="dims to evaluate (default: 16,32,... and full)")
+  ev.add_argument("--out", help="folder for results.json and the PNG plot")
+  ev.add_argument("--quiet", action="store_true")
+  return parser
+
+
+def _load_inputs(args, split):
+  """Corpus, queries and qrels from --beir/--model or from individual files."""
+  from adaptor.data import InputError, check_qrels, load_beir, load_embeddings, load_qrels
+
+  if getattr(args, "beir", None):
+    if not args.model:
+      raise InputError("--beir needs --model (a folder under <beir>/embeddings/)")
+    data = load_beir(args.beir, args.model)
+    queries, query_ids, qrels = data.split_queries(split)
+    return data.corpus.vectors, data.corpus.ids, queries, query_ids, qrels
+  if not args.corpus:
+    raise InputError("give --beir ROOT --model NAME, or --corpus FILE")
+  corpus = load_embeddings(args.corpus, column=args.column, ids=args.corpus_ids, name="--corpus")
+  queries = query_ids = qrels = None
+  if args.queries:
+    q = load_embeddings(args.queries, column=args.column, ids=args.query_ids, name="--queries")
+    queries, query_ids = q.vectors, q.ids
+  if args.qrels:
+    qrels = load_qrels(args.qrels)
+    if corpus.ids is None or query_ids is None:
+      raise InputError("--qrels needs --queries with --query-ids and --corpus-ids")
+    check_qrels(qrels, query_ids=query_ids, doc_ids=corpus.ids, name=args.qrels)
+    judged = [i for i, q in enumerate(query_ids) if q in qrels]
+    queries, query_ids = np.asarray(queries[judged]), [query_ids[i] for i in judged]
+  return corpus.vectors, corpus.ids, queries, query_ids, qrels
+
+
+def _cmd_fit(args):
+  import adaptor
+
+  corpus, corpus_ids, queries, query_ids, qrels = _load_inputs(args, args.split)
+  overrides = {k: v for k, v in {
+      "d_out": args.d_out, "hidden": args.hidden, "steps": args.steps,
+      "supervised_steps": args.supervised_steps}.items() if v is not None}
+  if args.supervised and qrels is None:
+    raise adaptor.InputError("--supervised needs qrels (--beir, or --qrels with ids)")
+  if args.no_queries:
+    queries = None
+  resume = args.resume_dir or os.fspath(args.out).rstrip("/") + ".train"
+  model = adaptor.fit(
+      corpus, dims=args.dims, queries=queries,
+      qrels=qrels if args.supervised else None,
+      query_ids=query_ids if args.supervised else None,
+      corpus_ids=corpus_ids if args.supervised else None,
+      seed=args.seed, checkpoint_dir=resume, quiet=args.quiet, **overrides)
+  model.save(args.out)
+  import shutil
+  shutil.rmtree(resume, ignore_errors=True)  # The fit is complete; its resume state is not needed.
+  stages = {k: {"steps": v["steps"], "best_val": round(v["best_val"], 4)}
+            for k, v in model.info["stages"].items()}
+  print(f"saved {model!r} to {args.out} ({model.info['train_seconds']:.0f} s; stages {stages})")
+
+
+def _cmd_apply(args):
+  import adaptor
+  from adaptor.data import InputError
+
+  out = os.fspath(args.output)
+  if not out.endswith(".npy"):
+    raise InputError(f"--output must end in .npy, got {out!r}")
+  if os.path.exists(out) and not args.overwrite:
+    raise InputError(f"--output {out} exists; pass --overwrite to replace it")
+  model = adaptor.load(args.checkpoint)
+  emb = adaptor.load_embeddings(args.input, column=args.column, name="--input")
+  if emb.vectors.shape[1] != model.d_in:
+    raise InputError(f"--input {args.input}: adaptor {args.checkpoint} expects d={model.d_in}, "
+                     f"got d={emb.vectors.shape[1]}")
+  vectors = model.apply(emb.vectors, dim=args.dim, dtype=np.dtype(args.dtype))
+  folder = os.path.dirname(os.path.abspath(out))
+  try:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=folder)
+  except OSError as e:
+    raise InputError(f"--output {out}: cannot write in {folder}: {e.strerror}") from None
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.save(f, vectors)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, out)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} {vectors.dtype} to {out}")
+
+
+def _cmd_eval(args):
+  import adaptor
+  from adaptor import evaluation
+  from adaptor.model import check_dims, default_dims
+
+  corpus, corpus_ids, queries, query_ids, qrels = _load_inputs(args, args.split)
+  if qrels is None:
+    raise adaptor.InputError("eval needs qrels (--beir, or --qrels with ids)")
+  d = corpus.shape[1]
+  dims = check_dims(args.dims or default_dims(d), d, name="--dims")
+  methods = {"raw": evaluation.Raw(),
+             "pca": evaluation.PCA(corpus, center=False),
+             "pca-centred": evaluation.PCA(corpus, center=True)}
+  for spec in args.checkpoint:
+    name, _, path = spec.rpartition("=")
+    methods[name or os.path.basename(os.path.normpath(path))] = adaptor.load(path, d_in=d)
+  results = evaluation.compare(methods, corpus, queries, query_ids=query_ids,
+                               corpus_ids=corpus_ids, qrels=qrels, dims=dims)
+  full = results["raw"][str(d)]["ndcg@10"]
+  print(f"{len(query_ids)} queries, {corpus.shape[0]} documents, d={d}\n")
+  print(evaluation.format_table(results, "ndcg@10", reference=full))
+  print("\n(%) = share of the full-size raw nDCG@10\n")
+  print(evaluation.format_table(results, "recall@100"))
+  if args.out:
+    evaluation.write_json({"dims": list(dims), "n_queries": len(query_ids), "results": results},
+                          os.path.join(args.out, "results.json"))
+    evaluation.plot(results, os.path.join(args.out, "ndcg10.png"), metric="ndcg@10",
+                    title=f"nDCG@10 vs dims ({len(query_ids)} queries)")
+    print(f"\nwrote {args.out}/results.json and {args.out}/ndcg10.png")
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  from adaptor.checkpoint import CheckpointError
+  from adaptor.data import InputError
+
+  try:
+    {"fit": _cmd_fit, "apply": _cmd_apply, "eval": _cmd_eval}[args.command](args)
+  except (InputError, CheckpointError, FileNotFoundError, PermissionError) as e:
+    print(f"matryoshka-adaptor {args.command}: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

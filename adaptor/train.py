@@ -1,0 +1,535 @@
+"""Fitting a Matryoshka-Adaptor: unsupervised on corpus embeddings, then optionally supervised.
+
+The trainer is one loop, `_run_stage`, driven by a jitted step over a plain
+pytree train state `(params, opt_state)`. Every batch has a fixed shape and is
+drawn on device from `fold_in(stage_key, step)`, so a run is a pure function
+of its seed: the same seed gives the same parameters, and a run resumed from
+a checkpoint continues exactly where it stopped.
+
+Unsupervised batches (one per step):
+  anchors     `batch_size` rows drawn from the corpus and, if given, from
+              unlabeled query embeddings (queries are what retrieval ranks
+              documents for, so their neighbourhoods matter most);
+  candidates  for each anchor, `neighbours_per_anchor` documents drawn from its
+              exact top-`neighbours` documents in the frozen space, plus
+              `random_docs` uniformly drawn documents; every anchor is scored
+              against every candidate of the batch.
+Losses on that batch: the paper's pairwise and top-k similarity losses, its
+reconstruction term, and a listwise rank-distillation loss (see `losses`).
+
+Supervised batches add `query_batch` judged queries, each with its judged
+documents and `hard_negatives` documents drawn from the frozen model's own top
+results, scored with a pairwise ranking loss at every prefix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from adaptor import losses
+from adaptor.checkpoint import TrainCheckpointer
+from adaptor.data import InputError, check_embeddings, check_qrels, fingerprint
+from adaptor.metrics import evaluate_topk
+from adaptor.model import (AdaptorConfig, MatryoshkaAdaptor, apply_adaptor, check_dims,
+                           default_dims, init_reorder_from_pca)
+from adaptor.search import exact_search, truncate
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+  """Weight of each loss term; 0 switches a term off (and skips its work)."""
+
+  pairwise: float = 1.0
+  topk: float = 1.0
+  reconstruction: float = 1.0
+  rank: float = 1.0
+  ranking: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything that decides a fit, saved next to the checkpoint.
+
+  Attributes:
+    dims: Matryoshka dims to train (default: powers of two from 16, plus d_out).
+    d_out: adapted size (default d_in).
+    hidden: residual MLP width (0: none).
+    reorder: PCA-initialised linear reorder stage before the residual.
+    pca_center: centre the PCA used to initialise the reorder stage.
+    weights: loss weights.
+    dim_weights: per-dim loss weights (default 1.0 each).
+    temperature: softmax temperature of the rank-distillation and ranking losses.
+    learning_rate, batch_size: Adam step size and anchors per step.
+    neighbours: size of each anchor's exact nearest-document list.
+    neighbours_per_anchor: candidates drawn per anchor from that list per step.
+    random_docs: uniformly drawn candidate documents per step.
+    query_fraction: share of anchors drawn from unlabeled queries, when given.
+    steps: maximum unsupervised steps.
+    supervised_steps: maximum supervised steps (when qrels are given).
+    query_batch, hard_negatives, negatives_from, max_positives: supervised
+      batch layout: judged queries per step, hard negatives per query, drawn
+      from the frozen model's top-`negatives_from` non-relevant documents, and
+      at most `max_positives` judged documents per query.
+    eval_every, patience: validation period in steps, and how many
+      validations without improvement stop a stage.
+    val_fraction: share of anchors (unsupervised) or judged queries
+      (supervised) held out for validation.
+    max_rows: at most this many corpus rows are used for fitting (sampled).
+    seed: PRNG seed; the same seed gives the same adaptor.
+  """
+
+  dims: tuple[int, ...] = ()
+  d_out: int | None = None
+  hidden: int = 512
+  reorder: bool = True
+  pca_center: bool = False
+  weights: LossWeights = LossWeights()
+  dim_weights: tuple[float, ...] | None = None
+  temperature: float = 0.05
+  learning_rate: float = 1e-3
+  batch_size: int = 128
+  neighbours: int = 10
+  neighbours_per_anchor: int = 4
+  random_docs: int = 128
+  query_fraction: float = 0.5
+  steps: int = 1500
+  supervised_steps: int = 1500
+  query_batch: int = 32
+  hard_negatives: int = 16
+  negatives_from: int = 100
+  max_positives: int = 4
+  eval_every: int = 100
+  patience: int = 5
+  val_fraction: float = 0.1
+  max_rows: int = 50_000
+  seed: int = 0
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["dims"] = list(self.dims)
+    d["dim_weights"] = None if self.dim_weights is None else list(self.dim_weights)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "TrainConfig":
+    d = dict(d)
+    d["weights"] = LossWeights(**d.get("weights", {}))
+    d["dims"] = tuple(d.get("dims", ()))
+    if d.get("dim_weights") is not None:
+      d["dim_weights"] = tuple(d["dim_weights"])
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _check_positive(config: TrainConfig):
+  for name in ("batch_size", "neighbours", "neighbours_per_anchor", "query_batch",
+               "hard_negatives", "negatives_from", "max_positives", "eval_every", "patience"):
+    v = getattr(config, name)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {v!r}")
+  for name in ("steps", "supervised_steps", "random_docs"):
+    v = getattr(config, name)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+      raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {v!r}")
+  if not 0.0 < config.val_fraction < 1.0:
+    raise ValueError(f"TrainConfig.val_fraction must be in (0, 1), got {config.val_fraction}")
+  if not 0.0 <= config.query_fraction <= 1.0:
+    raise ValueError(f"TrainConfig.query_fraction must be in [0, 1], got {config.query_fraction}")
+  if not config.temperature > 0:
+    raise ValueError(f"TrainConfig.temperature must be > 0, got {config.temperature}")
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def _draw_unsupervised(key, data, config: TrainConfig, anchor_pool):
+  """Indices of one unsupervised batch; all shapes fixed by the config."""
+  k_doc, k_query, k_pick, k_nb, k_rand = jax.random.split(key, 5)
+  b = config.batch_size
+  doc_anchors, query_anchors = anchor_pool
+  n_query = int(round(b * config.query_fraction)) if query_anchors is not None else 0
+  pick_doc = jax.random.randint(k_doc, (b - n_query,), 0, doc_anchors.shape[0])
+  anchors_doc = doc_anchors[pick_doc]
+  parts = [anchors_doc]
+  if n_query:
+    pick_q = jax.random.randint(k_query, (n_query,), 0, query_anchors.shape[0])
+    parts.append(query_anchors[pick_q])
+  anchor_rows = jnp.concatenate(parts)  # Rows of data["anchors"].
+  nb_cols = jax.random.randint(k_nb, (b, config.neighbours_per_anchor), 0, config.neighbours)
+  neighbour_docs = jnp.take_along_axis(data["neighbours"][anchor_rows], nb_cols, axis=1)
+  random_docs = jax.random.randint(k_rand, (config.random_docs,), 0, data["docs"].shape[0])
+  return anchor_rows, neighbour_docs, random_docs
+
+
+def _unsupervised_loss(model, data, batch, config: TrainConfig, dims):
+  anchor_rows, neighbour_docs, random_docs = batch
+  w = config.weights
+  b, per = neighbour_docs.shape
+  a_full = data["anchors"][anchor_rows]
+  cand_ids = jnp.concatenate([neighbour_docs.reshape(-1), random_docs])
+  c_full = data["docs"][cand_ids]
+  a_out = model(a_full)
+  c_out = model(c_full)
+  total = 0.0
+  terms = {}
+  if w.rank:
+    # Every anchor ranks every candidate of the batch; an anchor's own document
+    # is masked, since the identity match would dominate the softmax.
+    own = data["anchor_doc"][anchor_rows]
+    mask = cand_ids[None, :] != own[:, None]
+    terms["rank"] = losses.rank_distillation_loss(
+        a_full, c_full, a_out, c_out, dims=dims, temperature=config.temperature,
+        weights=config.dim_weights, mask=mask)
+    total += w.rank * terms["rank"]
+  if w.pairwise:
+    both_full = jnp.concatenate([a_full, c_full])
+    both_out = jnp.concatenate([a_out, c_out])
+    terms["pairwise"] = losses.pairwise_similarity_loss(
+        both_full, both_out, dims=dims, weights=config.dim_weights)
+    total += w.pairwise * terms["pairwise"]
+  if w.topk:
+    nb_full = c_full[: b * per].reshape(b, per, -1)
+    nb_out = c_out[: b * per].reshape(b, per, -1)
+    terms["topk"] = losses.topk_similarity_loss(
+        a_full, nb_full, a_out, nb_out, dims=dims, weights=config.dim_weights)
+    total += w.topk * terms["topk"]
+  if w.reconstruction:
+    base = model.base(a_full.astype(jnp.float32)) if model.base is not None else a_full[:, : a_out.shape[1]]
+    terms["reconstruction"] = losses.reconstruction_loss(base, a_out)
+    total += w.reconstruction * terms["reconstruction"]
+  return total, terms
+
+
+def _draw_supervised(key, data, config: TrainConfig):
+  k_q, k_neg = jax.random.split(key)
+  rows = jax.random.randint(k_q, (config.query_batch,), 0, data["sup_queries"].shape[0])
+  cols = jax.random.randint(k_neg, (config.query_batch, config.hard_negatives), 0,
+                            data["sup_negatives"].shape[1])
+  negatives = jnp.take_along_axis(data["sup_negatives"][rows], cols, axis=1)
+  return rows, negatives
+
+
+def _supervised_loss(model, data, batch, config: TrainConfig, dims):
+  rows, negatives = batch
+  q_out = model(data["sup_queries"][rows])
+  pos = data["sup_positives"][rows]  # [qb, P], -1 = padding
+  cand = jnp.concatenate([jnp.maximum(pos, 0), negatives], axis=1)
+  rel = jnp.concatenate([data["sup_grades"][rows], jnp.zeros_like(negatives)], axis=1)
+  mask = jnp.concatenate([pos >= 0, jnp.ones_like(negatives, bool)], axis=1)
+  d_out = model(data["docs"][cand.reshape(-1)]).reshape(cand.shape + (-1,))
+  return losses.ranking_loss(q_out, d_out, rel, dims=dims, temperature=config.temperature,
+                             weights=config.dim_weights, mask=mask)
+
+
+def _make_step(graphdef, optimizer, loss_fn):
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, opt_state, data, key):
+    def objective(p):
+      return loss_fn(nnx.merge(graphdef, p), data, key)
+
+    (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, terms
+
+  return step
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _run_stage(name, *, steps, step_fn, evaluate, params, opt_state, data, key, config,
+               checkpoints, higher_is_better, quiet):
+  """Runs one training stage with early stopping, checkpointing and resume.
+
+  Returns the best parameters seen by validation and a summary dict.
+  """
+  state = {"params": params, "opt_state": opt_state, "best": params,
+           "best_score": jnp.asarray(-jnp.inf if higher_is_better else jnp.inf, jnp.float32),
+           "bad_evals": jnp.asarray(0, jnp.int32)}
+  start, done = 0, False
+  if checkpoints is not None and checkpoints.latest() is not None:
+    start, state, meta = checkpoints.restore(state)
+    done = meta.get("done", False)
+  sign = 1.0 if higher_is_better else -1.0
+  history = []
+  bar = tqdm(total=steps, initial=start, desc=name, disable=quiet or done, unit="step",
+             dynamic_ncols=True, leave=not quiet)
+  loss = float("nan")
+  step = start
+  while not done and step < steps:
+    params, opt_state, loss_arr, _ = step_fn(state["params"], state["opt_state"], data,
+                                             jax.random.fold_in(key, step))
+    state["params"], state["opt_state"] = params, opt_state
+    step += 1
+    bar.update(1)
+    if step % config.eval_every == 0 or step == steps:
+      loss = float(loss_arr)
+      score = evaluate(state["params"])
+      history.append({"step": step, "loss": loss, "val": score})
+      if sign * score > sign * float(state["best_score"]):
+        state["best"] = jax.tree.map(jnp.copy, state["params"])
+        state["best_score"] = jnp.asarray(score, jnp.float32)
+        state["bad_evals"] = jnp.asarray(0, jnp.int32)
+      else:
+        state["bad_evals"] = state["bad_evals"] + 1
+      done = int(state["bad_evals"]) >= config.patience or step >= steps
+      bar.set_postfix(loss=f"{loss:.4f}", val=f"{score:.4f}", best=f"{float(state['best_score']):.4f}")
+      if checkpoints is not None:
+        checkpoints.save(step, state, {"stage": name, "done": done})
+  bar.close()
+  summary = {"steps": step, "best_val": float(state["best_score"]), "history": history}
+  return state["best"], summary
+
+
+def _neighbour_table(anchors, docs, k, exclude_self):
+  """Exact top-k documents (by full-size cosine) of each anchor, skipping the anchor itself."""
+  _, idx = exact_search(anchors, docs, min(k + (1 if exclude_self is not None else 0), docs.shape[0]))
+  if exclude_self is None:
+    return idx[:, :k]
+  # Drop the anchor's own row where it appears; keep the first k others.
+  keep = idx != exclude_self[:, None]
+  order = np.argsort(~keep, axis=1, kind="stable")
+  return np.take_along_axis(idx, order, axis=1)[:, :k]
+
+
+def _val_split(key, n, fraction):
+  perm = np.asarray(jax.random.permutation(key, n))
+  n_val = max(1, int(round(n * fraction)))
+  if n - n_val < 1:
+    raise InputError(f"need at least 2 rows to hold out a validation split, got {n}")
+  return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _retrieval_eval(graphdef, docs, queries, query_ids, doc_ids, qrels, dim):
+  def evaluate(params):
+    model = nnx.merge(graphdef, params)
+    d = apply_adaptor(model, docs, dim=dim)
+    q = apply_adaptor(model, queries, dim=dim)
+    scores, idx = exact_search(q, d, min(10, d.shape[0]))
+    return evaluate_topk(idx, scores, query_ids, doc_ids, qrels, k_values=(10,))["ndcg@10"]
+  return evaluate
+
+
+def fit(
+    corpus,
+    *,
+    dims=None,
+    queries=None,
+    qrels=None,
+    query_ids=None,
+    corpus_ids=None,
+    config: TrainConfig | None = None,
+    seed: int | None = None,
+    checkpoint_dir=None,
+    quiet: bool = False,
+    **overrides,
+):
+  """Fits a Matryoshka-Adaptor on cached embeddings.
+
+  Unsupervised when only `corpus` (and optionally unlabeled `queries`) is given;
+  supervised (an unsupervised stage, then a supervised one) when `qrels` is given.
+
+  Args:
+    corpus: document embeddings, with shape [n_docs, d] (array or memmap).
+    dims: Matryoshka dims (default: powers of two from 16, plus d_out).
+    queries: optional query embeddings, with shape [n_queries, d]. Without
+      qrels they serve as unlabeled anchors; with qrels, the judged ones are
+      the supervised training queries.
+    qrels: optional {query id: {doc id: grade}} for supervised training;
+      needs `query_ids` and `corpus_ids`.
+    query_ids, corpus_ids: string ids of the rows of `queries` and `corpus`.
+    config: a TrainConfig; keyword `overrides` replace its fields.
+    seed: shorthand for config.seed.
+    checkpoint_dir: if given, training state is checkpointed there and an
+      interrupted fit with the same arguments resumes from it.
+    quiet: no progress bar.
+
+  Returns:
+    A fitted `adaptor.Adaptor`.
+  """
+  from adaptor.api import Adaptor  # Deferred: api imports this module.
+
+  config = config or TrainConfig()
+  if seed is not None:
+    overrides["seed"] = seed
+  if dims is not None:
+    overrides["dims"] = tuple(dims)
+  if overrides:
+    config = dataclasses.replace(config, **overrides)
+  _check_positive(config)
+  corpus = check_embeddings(corpus, name="corpus")
+  d_in = corpus.shape[1]
+  d_out = config.d_out or d_in
+  dims = check_dims(config.dims or default_dims(d_out), d_out)
+  config = dataclasses.replace(config, dims=dims, d_out=d_out)
+  if queries is not None:
+    queries = check_embeddings(queries, name="queries", dim=d_in)
+  supervised = qrels is not None
+  if supervised:
+    if queries is None or query_ids is None or corpus_ids is None:
+      raise InputError("supervised fitting (qrels given) needs queries, query_ids and corpus_ids")
+    if len(query_ids) != queries.shape[0]:
+      raise InputError(f"query_ids has {len(query_ids)} ids but queries has {queries.shape[0]} rows")
+    if len(corpus_ids) != corpus.shape[0]:
+      raise InputError(f"corpus_ids has {len(corpus_ids)} ids but corpus has {corpus.shape[0]} rows")
+    check_qrels(qrels, query_ids=query_ids, doc_ids=corpus_ids)
+
+  key = jax.random.PRNGKey(config.seed)
+  k_rows, k_split, k_init, k_pca, k_unsup, k_sup, k_qsplit = (jax.random.fold_in(key, i) for i in range(7))
+
+  # Corpus rows used for fitting (all of them unless the corpus is huge).
+  n_docs = corpus.shape[0]
+  if n_docs > config.max_rows:
+    rows = np.sort(np.asarray(jax.random.choice(k_rows, n_docs, (config.max_rows,), replace=False)))
+  else:
+    rows = np.arange(n_docs)
+  docs = np.asarray(corpus[rows], np.float32)
+  doc_ids = None if corpus_ids is None else [str(corpus_ids[i]) for i in rows]
+  if config.neighbours >= docs.shape[0]:
+    raise InputError(f"TrainConfig.neighbours must be < the number of documents ({docs.shape[0]}), "
+                     f"got {config.neighbours}")
+
+  # Unlabeled query anchors: all given queries, minus judged validation queries.
+  sup_train = sup_val = None
+  if supervised:
+    judged = np.array([i for i, q in enumerate(query_ids) if q in qrels and qrels[q]])
+    if len(judged) < 2:
+      raise InputError(f"qrels judge {len(judged)} of the given queries; need at least 2")
+    tr, va = _val_split(k_qsplit, len(judged), config.val_fraction)
+    sup_train, sup_val = judged[tr], judged[va]
+    anchor_queries = np.asarray(queries[sup_train], np.float32)
+  elif queries is not None:
+    anchor_queries = np.asarray(queries, np.float32)
+  else:
+    anchor_queries = None
+
+  model = MatryoshkaAdaptor(d_in, d_out=d_out, hidden=config.hidden, reorder=config.reorder,
+                            rngs=nnx.Rngs(params=k_init))
+  model.config = dataclasses.replace(model.config, dims=dims)
+  if config.reorder:
+    pca_rows = docs if anchor_queries is None else np.concatenate([docs, anchor_queries])
+    init_reorder_from_pca(model, pca_rows, center=config.pca_center, key=k_pca)
+
+  # Anchors: documents, then unlabeled queries; validation holds some of each out.
+  anchors = docs if anchor_queries is None else np.concatenate([docs, anchor_queries])
+  anchor_doc = np.concatenate([np.arange(len(docs)), np.full(len(anchors) - len(docs), -1)])
+  t0 = time.time()
+  neighbours = _neighbour_table(anchors, docs, config.neighbours, anchor_doc)
+  doc_tr, doc_va = _val_split(k_split, len(docs), config.val_fraction)
+  if anchor_queries is not None and len(anchor_queries) >= 2:
+    q_tr, q_va = _val_split(jax.random.fold_in(k_split, 1), len(anchor_queries), config.val_fraction)
+    q_pool = (len(docs) + q_tr, len(docs) + q_va)
+  else:
+    q_pool = (None, None)
+
+  data = {
+      "docs": jnp.asarray(docs),
+      "anchors": jnp.asarray(anchors),
+      "anchor_doc": jnp.asarray(anchor_doc, jnp.int32),
+      "neighbours": jnp.asarray(neighbours, jnp.int32),
+  }
+  graphdef, params = nnx.split(model, nnx.Param)
+  optimizer = optax.adam(config.learning_rate)
+  info = {"neighbour_seconds": time.time() - t0, "n_docs": len(docs),
+          "n_query_anchors": 0 if anchor_queries is None else len(anchor_queries)}
+
+  def checkpoints(stage):
+    return None if checkpoint_dir is None else TrainCheckpointer(f"{checkpoint_dir}/{stage}")
+
+  train_pool = (jnp.asarray(doc_tr), None if q_pool[0] is None else jnp.asarray(q_pool[0]))
+
+  def unsup_loss(model_, data_, key_):
+    batch = _draw_unsupervised(key_, data_, config, train_pool)
+    return _unsupervised_loss(model_, data_, batch, config, dims)
+
+  if supervised:
+    val_eval = _retrieval_eval(
+        graphdef, docs, np.asarray(queries[sup_val], np.float32),
+        [query_ids[i] for i in sup_val], doc_ids,
+        {query_ids[i]: qrels[query_ids[i]] for i in sup_val}, dims[0])
+    higher = True
+  else:
+    val_pool = (jnp.asarray(doc_va), None if q_pool[1] is None else jnp.asarray(q_pool[1]))
+    val_keys = [jax.random.fold_in(k_split, 1000 + i) for i in range(8)]
+
+    @jax.jit
+    def _val_loss(params_, data_):
+      model_ = nnx.merge(graphdef, params_)
+      tot = 0.0
+      for vk in val_keys:
+        tot += _unsupervised_loss(model_, data_, _draw_unsupervised(vk, data_, config, val_pool),
+                                  config, dims)[0]
+      return tot / len(val_keys)
+
+    val_eval = lambda p: float(_val_loss(p, data))
+    higher = False
+
+  stages = {}
+  step_fn = _make_step(graphdef, optimizer, unsup_loss)
+  params, stages["unsupervised"] = _run_stage(
+      "unsupervised", steps=config.steps, step_fn=step_fn, evaluate=val_eval, params=params,
+      opt_state=optimizer.init(params), data=data, key=k_unsup, config=config,
+      checkpoints=checkpoints("unsupervised"), higher_is_better=higher, quiet=quiet)
+
+  if supervised and config.supervised_steps:
+    pos, grades = _positives_table(qrels, [query_ids[i] for i in sup_train], doc_ids,
+                                   config.max_positives)
+    sup_q = np.asarray(queries[sup_train], np.float32)
+    negatives = _hard_negatives(sup_q, docs, pos, config.negatives_from)
+    data = {**data, "sup_queries": jnp.asarray(sup_q), "sup_positives": jnp.asarray(pos),
+            "sup_grades": jnp.asarray(grades), "sup_negatives": jnp.asarray(negatives)}
+
+    def sup_loss(model_, data_, key_):
+      k1, k2 = jax.random.split(key_)
+      unsup, terms = _unsupervised_loss(
+          model_, data_, _draw_unsupervised(k1, data_, config, train_pool), config, dims)
+      ranking = _supervised_loss(model_, data_, _draw_supervised(k2, data_, config), config, dims)
+      return unsup + config.weights.ranking * ranking, {**terms, "ranking": ranking}
+
+    step_fn = _make_step(graphdef, optimizer, sup_loss)
+    params, stages["supervised"] = _run_stage(
+        "supervised", steps=config.supervised_steps, step_fn=step_fn, evaluate=val_eval,
+        params=params, opt_state=optimizer.init(params), data=data, key=k_sup, config=config,
+        checkpoints=checkpoints("supervised"), higher_is_better=True, quiet=quiet)
+
+  nnx.update(model, params)
+  info.update({
+      "supervised": supervised,
+      "stages": stages,
+      "corpus_fingerprint": fingerprint(corpus),
+      "queries_fingerprint": None if queries is None else fingerprint(queries),
+      "train_seconds": time.time() - t0,
+  })
+  return Adaptor(model, train_config=config, info=info)
+
+
+def _positives_table(qrels, qids, doc_ids, max_positives):
+  """[n_queries, max_positives] rows of judged-relevant docs (-1 padding) and their grades."""
+  row_of = {d: i for i, d in enumerate(doc_ids)}
+  pos = np.full((len(qids), max_positives), -1, np.int32)
+  grades = np.zeros((len(qids), max_positives), np.int32)
+  for r, q in enumerate(qids):
+    judged = sorted(((g, d) for d, g in qrels[q].items() if g > 0 and d in row_of), reverse=True)
+    for c, (g, d) in enumerate(judged[:max_positives]):
+      pos[r, c], grades[r, c] = row_of[d], g
+  return pos, grades
+
+
+def _hard_negatives(queries, docs, positives, k):
+  """Each query's top-k frozen-model documents that are not judged relevant."""
+  k = min(k, docs.shape[0] - positives.shape[1])
+  _, idx = exact_search(queries, docs, k + positives.shape[1])
+  is_pos = (idx[:, :, None] == positives[:, None, :]).any(-1)
+  order = np.argsort(is_pos, axis=1, kind="stable")
+  return np.take_along_axis(idx, order, axis=1)[:, :k].astype(np.int32)
