@@ -171,8 +171,8 @@ def init_reorder_from_pca(model: MatryoshkaAdaptor, x, *, center: bool = False,
     raise ValueError("init_reorder_from_pca needs an adaptor built with reorder=True")
   comps, mean = pca_basis(x, center=center, key=key)
   kernel = comps[:, : model.config.d_out]
-  model.base.kernel.value = jnp.asarray(kernel)
-  model.base.bias.value = jnp.asarray(-mean @ kernel)
+  model.base.kernel.set_value(jnp.asarray(kernel))
+  model.base.bias.set_value(jnp.asarray(-mean @ kernel))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "dim", "dtype"))

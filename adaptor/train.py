@@ -254,7 +254,7 @@ def _run_stage(name, *, steps, step_fn, evaluate, params, opt_state, data, key, 
 
   Returns the best parameters seen by validation and a summary dict.
   """
-  state = {"params": params, "opt_state": opt_state, "best": params,
+  state = {"params": params, "opt_state": opt_state, "best": jax.tree.map(jnp.copy, params),
            "best_score": jnp.asarray(-jnp.inf if higher_is_better else jnp.inf, jnp.float32),
            "bad_evals": jnp.asarray(0, jnp.int32)}
   start, done = 0, False
@@ -263,6 +263,12 @@ def _run_stage(name, *, steps, step_fn, evaluate, params, opt_state, data, key, 
     done = meta.get("done", False)
   sign = 1.0 if higher_is_better else -1.0
   history = []
+  if start == 0:
+    # The starting point (PCA, or the previous stage's best) is a candidate too,
+    # so a stage never returns something worse than what it was given.
+    score = evaluate(params)
+    history.append({"step": 0, "loss": None, "val": score})
+    state["best_score"] = jnp.asarray(score, jnp.float32)
   bar = tqdm(total=steps, initial=start, desc=name, disable=quiet or done, unit="step",
              dynamic_ncols=True, leave=not quiet)
   loss = float("nan")
