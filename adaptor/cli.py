@@ -219,12 +219,9 @@ def _cmd_eval(args):
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
-  from adaptor.checkpoint import CheckpointError
-  from adaptor.data import InputError
-
   try:
     {"fit": _cmd_fit, "apply": _cmd_apply, "eval": _cmd_eval}[args.command](args)
-  except (InputError, CheckpointError, FileNotFoundError, PermissionError) as e:
+  except (ValueError, OSError) as e:  # InputError and CheckpointError are ValueErrors.
     print(f"matryoshka-adaptor {args.command}: error: {e}", file=sys.stderr)
     return 2
   return 0
