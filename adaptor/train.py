@@ -50,9 +50,9 @@ from adaptor.search import exact_search, truncate
 class LossWeights:
   """Weight of each loss term; 0 switches a term off (and skips its work)."""
 
-  pairwise: float = 1.0
-  topk: float = 1.0
-  reconstruction: float = 1.0
+  pairwise: float = 0.0
+  topk: float = 0.0
+  reconstruction: float = 0.0
   rank: float = 1.0
   ranking: float = 1.0
 
@@ -72,7 +72,8 @@ class TrainConfig:
     temperature: softmax temperature of the rank-distillation and ranking losses.
     learning_rate, batch_size: Adam step size and anchors per step.
     neighbours: size of each anchor's exact nearest-document list.
-    neighbours_per_anchor: candidates drawn per anchor from that list per step.
+    nearest_per_anchor: the closest documents of that list, always candidates.
+    neighbours_per_anchor: candidates drawn per anchor from the rest of the list.
     random_docs: uniformly drawn candidate documents per step.
     query_fraction: share of anchors drawn from unlabeled queries, when given.
     steps: maximum unsupervised steps.
@@ -91,19 +92,20 @@ class TrainConfig:
 
   dims: tuple[int, ...] = ()
   d_out: int | None = None
-  hidden: int = 512
+  hidden: int = 0
   reorder: bool = True
   pca_center: bool = False
   weights: LossWeights = LossWeights()
   dim_weights: tuple[float, ...] | None = None
   temperature: float = 0.05
   learning_rate: float = 1e-3
-  batch_size: int = 128
-  neighbours: int = 10
-  neighbours_per_anchor: int = 4
-  random_docs: int = 128
-  query_fraction: float = 0.5
-  steps: int = 1500
+  batch_size: int = 64
+  neighbours: int = 64
+  nearest_per_anchor: int = 2
+  neighbours_per_anchor: int = 6
+  random_docs: int = 256
+  query_fraction: float = 0.8
+  steps: int = 3000
   supervised_steps: int = 1500
   query_batch: int = 32
   hard_negatives: int = 16
@@ -133,12 +135,13 @@ class TrainConfig:
 
 
 def _check_positive(config: TrainConfig):
-  for name in ("batch_size", "neighbours", "neighbours_per_anchor", "query_batch",
+  for name in ("batch_size", "neighbours", "query_batch",
                "hard_negatives", "negatives_from", "max_positives", "eval_every", "patience"):
     v = getattr(config, name)
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
       raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {v!r}")
-  for name in ("steps", "supervised_steps", "random_docs"):
+  for name in ("steps", "supervised_steps", "random_docs", "nearest_per_anchor",
+               "neighbours_per_anchor"):
     v = getattr(config, name)
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
       raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {v!r}")
@@ -146,6 +149,14 @@ def _check_positive(config: TrainConfig):
     raise ValueError(f"TrainConfig.val_fraction must be in (0, 1), got {config.val_fraction}")
   if not 0.0 <= config.query_fraction <= 1.0:
     raise ValueError(f"TrainConfig.query_fraction must be in [0, 1], got {config.query_fraction}")
+  if config.nearest_per_anchor > config.neighbours or (
+      config.neighbours_per_anchor and config.nearest_per_anchor >= config.neighbours):
+    raise ValueError(
+        f"TrainConfig.nearest_per_anchor ({config.nearest_per_anchor}) must leave room in the "
+        f"neighbour list of size {config.neighbours} for neighbours_per_anchor draws")
+  if config.nearest_per_anchor + config.neighbours_per_anchor + config.random_docs < 1:
+    raise ValueError("TrainConfig needs at least one candidate per step "
+                     "(nearest_per_anchor + neighbours_per_anchor + random_docs >= 1)")
   if not config.temperature > 0:
     raise ValueError(f"TrainConfig.temperature must be > 0, got {config.temperature}")
 
@@ -166,7 +177,11 @@ def _draw_unsupervised(key, data, config: TrainConfig, anchor_pool):
     pick_q = jax.random.randint(k_query, (n_query,), 0, query_anchors.shape[0])
     parts.append(query_anchors[pick_q])
   anchor_rows = jnp.concatenate(parts)  # Rows of data["anchors"].
-  nb_cols = jax.random.randint(k_nb, (b, config.neighbours_per_anchor), 0, config.neighbours)
+  # The closest few neighbours always, then a random draw from the rest of the list.
+  nearest = jnp.broadcast_to(jnp.arange(config.nearest_per_anchor), (b, config.nearest_per_anchor))
+  drawn = jax.random.randint(k_nb, (b, config.neighbours_per_anchor), config.nearest_per_anchor,
+                             config.neighbours)
+  nb_cols = jnp.concatenate([nearest, drawn], axis=1)
   neighbour_docs = jnp.take_along_axis(data["neighbours"][anchor_rows], nb_cols, axis=1)
   random_docs = jax.random.randint(k_rand, (config.random_docs,), 0, data["docs"].shape[0])
   return anchor_rows, neighbour_docs, random_docs
