@@ -1,5 +1,7 @@
 """Truncation and exact search against brute-force numpy references."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,3 +90,136 @@ def test_exact_search_errors():
     exact_search(c, c, 0)
   with pytest.raises(ValueError, match="queries have d=3 but corpus has d=4"):
     exact_search(np.ones((2, 3), np.float32), c, 1)
+
+
+# ---------------------------------------------------------------- search, funnel
+
+from adaptor.search import (blocked_top_k, check_schedule, funnel_search, prefix_inv_norms,
+                            rerank, schedule_cost, search)
+
+
+def _brute_funnel(queries, corpus, schedule):
+  """numpy reference: stage by stage, stable sorts, ties to the lower index."""
+  cand = np.arange(corpus.shape[0])[None].repeat(len(queries), 0)
+  for m, keep in schedule:
+    q = queries[:, :m].astype(np.float64)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    c = corpus[:, :m].astype(np.float64)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    s = np.einsum("qd,qcd->qc", q, c[cand])          # cand ascending: stable sort = lower index
+    order = np.argsort(-s, axis=1, kind="stable")[:, :keep]
+    scores, ranked = np.take_along_axis(s, order, 1), np.take_along_axis(cand, order, 1)
+    cand = np.sort(ranked, axis=1)
+  return scores, ranked
+
+
+@pytest.mark.parametrize(
+    "n_docs,k,block,dim,n_q",
+    [(1000, 10, 256, 8, 7),      # groups inside blocks, last block partial
+     (4096, 5, 4096, 24, 3),     # one block, grouped top-k
+     (257, 100, 64, 16, 3),      # k > block size
+     (50, 50, 16, 32, 1)])       # k = corpus size, one query
+def test_search_matches_brute_force_float16_too(n_docs, k, block, dim, n_q):
+  rng = np.random.default_rng(n_docs + k)
+  corpus = rng.normal(size=(n_docs, 32)).astype(np.float32)
+  queries = rng.normal(size=(n_q, 32)).astype(np.float32)
+  scores, idx = search(queries, corpus, k, dim=dim, block_size=block, query_batch=2)
+  _assert_same_topk(scores, idx, *_brute(queries, corpus, k, dim))
+  half = corpus.astype(np.float16)
+  scores, idx = search(queries, half, k, dim=dim, block_size=block)
+  _assert_same_topk(scores, idx, *_brute(queries, half.astype(np.float32), k, dim), atol=1e-5)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_blocked_top_k_plain_and_jitted(jit):
+  rng = np.random.default_rng(3)
+  corpus = rng.normal(size=(1100, 16)).astype(np.float32)
+  q = np.asarray(truncate(jnp.asarray(rng.normal(size=(4, 16)), jnp.float32), 8))
+  scale = prefix_inv_norms(corpus, 8)
+  f = functools.partial(blocked_top_k, k=7, block_size=512)
+  f = jax.jit(f) if jit else f
+  scores, idx = f(jnp.asarray(q), jnp.asarray(corpus), scale=jnp.asarray(scale))
+  _assert_same_topk(np.asarray(scores), np.asarray(idx), *_brute(q, corpus, 7, 8))
+
+
+def test_grouped_block_ties_go_to_lower_index():
+  # 2048 rows in one block use the grouped path; equal rows everywhere.
+  corpus = np.zeros((2048, 4), np.float32)
+  corpus[:, 1] = 1.0
+  corpus[[5, 70, 700, 1500, 2047], 0] = 1.0   # cos = 1/sqrt(2), all equal
+  scores, idx = search(np.array([[1.0, 0, 0, 0]], np.float32), corpus, 3, block_size=2048)
+  np.testing.assert_array_equal(idx[0], [5, 70, 700])
+  _, idx = search(np.array([[0, 1.0, 0, 0]], np.float32), corpus, 4, block_size=512)
+  np.testing.assert_array_equal(idx[0], [0, 1, 2, 3])
+
+
+def test_prefix_inv_norms_values():
+  x = np.array([[3.0, 4.0, 12.0], [0.0, 0.0, 5.0]], np.float32)
+  np.testing.assert_allclose(prefix_inv_norms(x, 2), [0.2, 0.0])
+  np.testing.assert_allclose(prefix_inv_norms(x, 3, block_size=1), [1 / 13, 0.2], rtol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", [[(4, 200), (16, 30), (32, 10)], [(8, 64), (32, 5)],
+                                      [(32, 10)]])
+def test_funnel_matches_brute_force(schedule):
+  rng = np.random.default_rng(len(schedule))
+  corpus = rng.normal(size=(700, 32)).astype(np.float32)
+  queries = rng.normal(size=(5, 32)).astype(np.float32)
+  k = schedule[-1][1]
+  scores, idx = funnel_search(queries, corpus, schedule, block_size=256, query_batch=2)
+  ref_s, ref_i = _brute_funnel(queries, corpus, schedule)
+  assert scores.shape == idx.shape == (5, k)
+  _assert_same_topk(scores, idx, ref_s, ref_i)
+  # A one-stage funnel at full size is exact search.
+  if len(schedule) == 1:
+    _assert_same_topk(scores, idx, *search(queries, corpus, k))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_rerank_plain_and_jitted(jit):
+  corpus = jnp.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.8, 0.6]])
+  q = jnp.array([[0.0, 1.0]])
+  f = jax.jit(rerank, static_argnums=3) if jit else rerank
+  scores, idx = f(q, corpus, jnp.array([[3, 0, 1]]), 2)
+  np.testing.assert_allclose(np.asarray(scores), [[0.8, 0.6]], atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(idx), [[1, 3]])
+
+
+def test_schedule_validation_and_cost():
+  assert check_schedule([(2, 5), [4, 3]], 4) == ((2, 5), (4, 3))
+  with pytest.raises(ValueError, match="dims must strictly increase, got \\[4, 2\\]"):
+    check_schedule([(4, 5), (2, 3)], 4)
+  with pytest.raises(ValueError, match="keeps must not increase"):
+    check_schedule([(2, 3), (4, 5)], 4)
+  with pytest.raises(ValueError, match=r"schedule\[1\] dim must be in \[1, 4\]"):
+    check_schedule([(2, 3), (9, 1)], 4)
+  with pytest.raises(ValueError, match="at most the corpus size 10, got 11"):
+    check_schedule([(2, 11)], 4, n_docs=10)
+  with pytest.raises(ValueError, match="last keep must be >= k=5, got 3"):
+    check_schedule([(2, 3)], 4, k=5)
+  assert schedule_cost([(32, 100), (768, 10)], 1000, rerank_weight=2.0, per_doc_overhead=8) == (
+      (32 + 8) * 1000 + 2 * 100 * 32 * 32 + 2 * 100 * 768)
+  assert schedule_cost([(768, 10)], 1000, per_doc_overhead=0) == 768 * 1000
+
+
+def test_search_errors():
+  c = np.ones((5, 4), np.float32)
+  with pytest.raises(ValueError, match="block_size must be a positive int, got 0"):
+    search(c, c, 1, block_size=0)
+  with pytest.raises(ValueError, match=r"inv_norms must have shape \(5,\), got \(4,\)"):
+    search(c, c, 1, inv_norms=np.ones(4, np.float32))
+  with pytest.raises(ValueError, match="must be 2-D"):
+    search(np.ones(4, np.float32), c, 1)
+
+
+def test_large_k_path_ties_and_tail():
+  # k = 150 with 512-row blocks takes the whole-corpus group-maxima path; 1000 rows
+  # leave a 488-row tail whose last group is short. Every row ties with every other.
+  corpus = np.ones((1000, 4), np.float32)
+  scores, idx = search(np.ones((2, 4), np.float32), corpus, 150, block_size=512)
+  np.testing.assert_array_equal(idx, np.arange(150)[None].repeat(2, 0))
+  np.testing.assert_allclose(scores, 1.0, rtol=1e-6)
+  rng = np.random.default_rng(9)
+  corpus = rng.normal(size=(1000, 8)).astype(np.float32)
+  q = rng.normal(size=(3, 8)).astype(np.float32)
+  _assert_same_topk(*search(q, corpus, 1000, block_size=512), *_brute(q, corpus, 1000, 8))

@@ -1,0 +1,707 @@
+"""A saved Matryoshka search index: adapted vectors, ids, prefix norms, the adaptor.
+
+    index = MatryoshkaIndex.build(corpus_embeddings, ids=doc_ids, adaptor=model)
+    scores, ids = index.search(query_embeddings, 10, dim=64)
+    scores, ids = index.search(query_embeddings, 10, schedule=[(32, 1000), (768, 10)])
+    plan = plan_schedule(index, validation_query_embeddings)   # cheapest funnel at recall 0.99
+    index.save("indexes/scifact"); index = MatryoshkaIndex.load("indexes/scifact")
+
+Raw embeddings of the frozen model go in, for documents and queries alike: the
+index applies its adaptor (if any) to both, so they always match. Vectors are
+stored once, at full size, L2-normalised, in float32 or float16, in a 4 KiB
+aligned buffer that JAX reads without copying. Inverse norms of each stored
+prefix are computed once, at build (or on first use of a new prefix), never per
+query.
+
+On disk an index is a directory
+
+  index.json     sizes, precision, prefix dims, adaptor fingerprint, versions
+  vectors.npy    [n, d] float32/float16
+  inv_norms.npy  [len(dims), n] float32, one row per stored prefix
+  ids.json       the n document ids
+  adaptor/       the adaptor checkpoint, if the index has one
+  COMPLETE       an empty marker, written last
+
+written in a sibling temporary directory and renamed into place, so a crash
+mid-save leaves the previous index intact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import adaptor
+from adaptor import checkpoint, search as search_lib
+from adaptor.data import InputError, check_embeddings, _as_id_list, _check_ids
+
+FORMAT_VERSION = 1
+_META = "index.json"
+_VECTORS = "vectors.npy"
+_NORMS = "inv_norms.npy"
+_IDS = "ids.json"
+_ADAPTOR = "adaptor"
+_MARKER = "COMPLETE"
+_PRECISIONS = {"float32": np.float32, "float16": np.float16}
+# Rows adapted, normalised and copied at a time when building or adding.
+_BUILD_ROWS = 65536
+_ALIGN = 4096
+
+
+def _aligned_empty(shape, dtype) -> np.ndarray:
+  """An uninitialised array whose data starts on a 4 KiB boundary.
+
+  jax.device_put aliases such a buffer on CPU instead of copying it, so the
+  index holds one copy of its vectors, not two.
+  """
+  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  raw = np.empty(nbytes + _ALIGN, np.uint8)
+  offset = (-raw.ctypes.data) % _ALIGN
+  return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+def _adaptor_fingerprint(model) -> str:
+  """A digest of an adaptor's config and parameters."""
+  from flax import nnx
+  h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+  leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model.module, nnx.Param))
+  for path, leaf in leaves:
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(np.ascontiguousarray(np.asarray(leaf)).data)
+  return h.hexdigest()[:16]
+
+
+def _default_dims(d: int, model) -> tuple[int, ...]:
+  dims = set(model.dims) if model is not None else set()
+  m = 16
+  while m < d:
+    dims.add(m)
+    m *= 2
+  dims.add(d)
+  return tuple(sorted(m for m in dims if 1 <= m <= d))
+
+
+class MatryoshkaIndex:
+  """Full-size adapted document vectors with ids, searched at any prefix.
+
+  Attributes:
+    vectors: np.ndarray [n, d] of unit-norm rows (float32 or float16).
+    ids: the n document ids (str).
+    adaptor: the `Adaptor` applied to documents and queries, or None.
+    precision: "float32" or "float16".
+    d_in: the size of the raw embeddings it accepts (adaptor.d_in, or d).
+  """
+
+  def __init__(self, vectors, ids, *, adaptor=None, precision="float32", inv_norms=None,
+               block_size=16384):
+    self.vectors = vectors
+    self.ids = ids
+    self.adaptor = adaptor
+    self.precision = precision
+    self.block_size = block_size
+    self._inv_norms = dict(inv_norms or {})
+    self._row_of = None
+    self._device = None
+
+  # ------------------------------------------------------------ properties
+
+  @property
+  def n(self) -> int:
+    return self.vectors.shape[0]
+
+  @property
+  def d(self) -> int:
+    return self.vectors.shape[1]
+
+  @property
+  def d_in(self) -> int:
+    return self.adaptor.d_in if self.adaptor is not None else self.d
+
+  @property
+  def dims(self) -> tuple[int, ...]:
+    """The prefixes whose inverse norms are stored."""
+    return tuple(sorted(self._inv_norms))
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes held by the vectors and prefix norms."""
+    return self.vectors.nbytes + sum(v.nbytes for v in self._inv_norms.values())
+
+  def __len__(self):
+    return self.n
+
+  def __repr__(self):
+    return (f"MatryoshkaIndex(n={self.n}, d={self.d}, precision={self.precision!r}, "
+            f"adaptor={'yes' if self.adaptor is not None else 'none'}, dims={list(self.dims)})")
+
+  # ------------------------------------------------------------ building
+
+  @classmethod
+  def build(cls, corpus_embeddings, *, ids=None, adaptor=None, precision: str = "float32",
+            dims=None, block_size: int = 16384) -> "MatryoshkaIndex":
+    """Adapts (if an adaptor is given), normalises and stores the corpus.
+
+    Args:
+      corpus_embeddings: raw document embeddings, with shape [n, d_in] (array
+        or memmap); with an adaptor, d_in = adaptor.d_in.
+      ids: n unique str (or int) ids; default "0", "1", ... in row order.
+      adaptor: a fitted `Adaptor` applied once to the corpus here, and to
+        every query at search time; None stores the embeddings as they are.
+      precision: "float32" or "float16" storage.
+      dims: prefixes whose inverse norms are stored now (default: the
+        adaptor's dims and powers of two from 16, plus d); others are
+        computed on first use.
+      block_size: corpus rows per search block.
+    """
+    if precision not in _PRECISIONS:
+      raise InputError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
+    _check_adaptor(adaptor)
+    d_in = adaptor.d_in if adaptor is not None else None
+    name = "corpus_embeddings"
+    x = check_embeddings(corpus_embeddings, name=name, dim=d_in)
+    if adaptor is not None and x.shape[1] != adaptor.d_in:
+      raise InputError(f"{name} must have d={adaptor.d_in} (the adaptor's d_in), got {x.shape}")
+    index = cls(_aligned_empty((0, adaptor.d_out if adaptor else x.shape[1]),
+                               _PRECISIONS[precision]), [], adaptor=adaptor,
+                precision=precision, block_size=search_lib._check_positive(block_size, "block_size"))
+    index.vectors, index.ids = index._prepared(x, ids, name=name, ids_name="ids")
+    for m in (_default_dims(index.d, adaptor) if dims is None else dims):
+      index.prefix_inv_norms(m)
+    return index
+
+  def _prepared(self, x, ids, *, name, ids_name, first_id: int = 0):
+    """Existing vectors and ids with `x` (validated) adapted, normalised and appended."""
+    n_new = x.shape[0]
+    ids = [str(first_id + i) for i in range(n_new)] if ids is None else _as_id_list(ids, ids_name)
+    _check_ids(ids, n_new, ids_name, name)
+    if self.ids:
+      row_of = self._rows()
+      taken = [v for v in ids if v in row_of]
+      if taken:
+        raise InputError(f"{ids_name} must be new, got {len(taken)} ids already in the index "
+                         f"(first {taken[:5]})")
+    out = _aligned_empty((self.n + n_new, self.d), self.vectors.dtype)
+    out[:self.n] = self.vectors
+    for start in range(0, n_new, _BUILD_ROWS):
+      part = x[start:start + _BUILD_ROWS]
+      if self.adaptor is not None:
+        part = self.adaptor.apply(part)            # unit norm at full size
+      else:
+        part = np.asarray(part, np.float32)
+        part = part / np.linalg.norm(part, axis=1, keepdims=True)  # Rows are non-zero (checked).
+      out[self.n + start:self.n + start + len(part)] = part
+    return out, list(self.ids) + ids
+
+  def add(self, corpus_embeddings, *, ids=None) -> None:
+    """Appends documents (raw embeddings [m, d_in]) with m new unique ids.
+
+    Default ids continue the row numbers ("n", "n+1", ...). The stored vectors
+    are reallocated once per call; prefix norms are extended for new rows only.
+    """
+    name = "corpus_embeddings"
+    x = check_embeddings(corpus_embeddings, name=name, dim=self.d_in)
+    old_n = self.n
+    vectors, ids = self._prepared(x, ids, name=name, ids_name="ids", first_id=old_n)
+    new_rows = vectors[old_n:]
+    norms = {m: np.concatenate([v, search_lib.prefix_inv_norms(new_rows, m)])
+             for m, v in self._inv_norms.items()}
+    self.vectors, self.ids, self._inv_norms = vectors, ids, norms
+    self._row_of = None
+    self._device = None
+
+  # ------------------------------------------------------------ lookups
+
+  def _rows(self) -> dict[str, int]:
+    if self._row_of is None:
+      self._row_of = {v: i for i, v in enumerate(self.ids)}
+    return self._row_of
+
+  def rows(self, ids) -> np.ndarray:
+    """Row numbers of document ids; InputError naming any unknown ids."""
+    ids = _as_id_list([ids] if isinstance(ids, str) else ids, "ids")
+    row_of = self._rows()
+    unknown = [v for v in ids if v not in row_of]
+    if unknown:
+      raise InputError(f"ids must be in the index ({self.n} documents), got {len(unknown)} "
+                       f"unknown ids (first {unknown[:5]})")
+    return np.array([row_of[v] for v in ids], np.int64)
+
+  def get_vectors(self, ids, *, dim: int | None = None) -> np.ndarray:
+    """The stored vectors [len(ids), dim] of documents, re-normalised at `dim`."""
+    rows = self.rows(ids)
+    dim = self.d if dim is None else search_lib.check_dim(dim, self.d)
+    return np.asarray(search_lib.truncate(np.asarray(self.vectors[rows], np.float32), dim))
+
+  def prefix_inv_norms(self, dim: int) -> np.ndarray:
+    """Inverse norms [n] of the stored `dim`-prefixes, computed once and kept."""
+    dim = search_lib.check_dim(dim, self.d)
+    if dim not in self._inv_norms:
+      self._inv_norms[dim] = search_lib.prefix_inv_norms(self.vectors, dim)
+    return self._inv_norms[dim]
+
+  def _corpus(self):
+    if self._device is None:
+      self._device = jax.device_put(self.vectors)  # Aliases the aligned buffer on CPU.
+    return self._device
+
+  # ------------------------------------------------------------ search
+
+  def prepare_queries(self, query_embeddings) -> np.ndarray:
+    """Validates raw query embeddings [n_q, d_in] and adapts them: [n_q, d] float32."""
+    q = check_embeddings(query_embeddings, name="query_embeddings", dim=self.d_in)
+    if self.adaptor is not None:
+      return self.adaptor.apply(q)
+    return np.asarray(q, np.float32)
+
+  def search_rows(self, query_embeddings, k: int, *, dim: int | None = None, schedule=None,
+                  query_batch: int = 256, adapted: bool = False):
+    """Like `search`, but returns corpus row numbers instead of ids.
+
+    Args:
+      adapted: the queries are already adapted vectors [n_q, d] (skips the adaptor).
+    """
+    if dim is not None and schedule is not None:
+      raise ValueError(f"give dim or schedule, not both (got dim={dim}, schedule={schedule})")
+    if adapted:
+      q = check_embeddings(query_embeddings, name="query_embeddings", dim=self.d)
+    else:
+      q = self.prepare_queries(query_embeddings)
+    k = search_lib._check_k(k, self.n, what="the index size")
+    block = min(self.block_size, self.n)
+    if schedule is None:
+      dim = self.d if dim is None else search_lib.check_dim(dim, self.d)
+      return search_lib.search(q, self._corpus(), k, dim=dim, block_size=block,
+                               query_batch=query_batch, inv_norms=self.prefix_inv_norms(dim))
+    schedule = search_lib.check_schedule(schedule, self.d, n_docs=self.n, k=k)
+    norms = {m: self.prefix_inv_norms(m) for m, _ in schedule}
+    return search_lib.funnel_search(q, self._corpus(), schedule, k=k, inv_norms=norms,
+                                    block_size=block, query_batch=query_batch)
+
+  def search(self, query_embeddings, k: int, *, dim: int | None = None, schedule=None,
+             query_batch: int = 256, adapted: bool = False):
+    """Top-k documents for each query, exact at one prefix or through a funnel.
+
+    Args:
+      query_embeddings: raw query embeddings, with shape [n_queries, d_in];
+        the index applies its adaptor to them.
+      k: results per query, in [1, n].
+      dim: prefix length for exact search (default: all d dims).
+      schedule: instead of dim, a funnel [(m1, K1), (m2, K2), ...] (see
+        `search.check_schedule`); the last keep must be >= k.
+      query_batch: queries scored at a time.
+      adapted: the queries are already adapted vectors [n_queries, d].
+
+    Returns:
+      (scores, ids): float32 cosine scores [n_queries, k] and an object array
+      [n_queries, k] of document ids, best first; ties go to the lower row.
+    """
+    scores, rows = self.search_rows(query_embeddings, k, dim=dim, schedule=schedule,
+                                    query_batch=query_batch, adapted=adapted)
+    ids = np.asarray(self.ids, dtype=object)
+    return scores, ids[rows]
+
+  # ------------------------------------------------------------ disk
+
+  def save(self, directory, *, overwrite: bool = True) -> None:
+    """Atomically writes the index to `directory` (see the module docstring)."""
+    directory = Path(directory).absolute()
+    if directory.exists():
+      if not overwrite:
+        raise InputError(f"{directory}: expected a new path (overwrite=False), found an existing one")
+      if not (directory.is_dir() and ((directory / _MARKER).is_file() or not any(directory.iterdir()))):
+        raise InputError(f"{directory}: refusing to replace it, expected an index (with a "
+                         f"{_MARKER} marker) or an empty directory, found other contents")
+    dims = self.dims
+    meta = {
+        "format": "matryoshka-index", "format_version": FORMAT_VERSION,
+        "library_version": adaptor.__version__, "n": self.n, "d": self.d, "d_in": self.d_in,
+        "precision": self.precision, "dims": list(dims), "block_size": self.block_size,
+        "adaptor": None if self.adaptor is None else {
+            "config": self.adaptor.config.to_dict(),
+            "fingerprint": _adaptor_fingerprint(self.adaptor)},
+    }
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{directory.name}.tmp-", dir=directory.parent))
+    try:
+      with open(tmp / _VECTORS, "wb") as f:
+        np.save(f, self.vectors)
+      with open(tmp / _NORMS, "wb") as f:
+        np.save(f, np.stack([self._inv_norms[m] for m in dims]) if dims
+                else np.zeros((0, self.n), np.float32))
+      (tmp / _IDS).write_text(json.dumps(self.ids))
+      if self.adaptor is not None:
+        self.adaptor.save(tmp / _ADAPTOR)
+      (tmp / _META).write_text(json.dumps(meta, indent=2) + "\n")
+      checkpoint._fsync_tree(tmp)
+      with open(tmp / _MARKER, "w") as f:  # The marker goes last.
+        f.flush()
+        os.fsync(f.fileno())
+      checkpoint._fsync_dir(tmp)
+      checkpoint._swap_into_place(tmp, directory)
+    except BaseException:
+      checkpoint._remove_tree(tmp)
+      raise
+
+  @classmethod
+  def load(cls, directory, *, adaptor=None) -> "MatryoshkaIndex":
+    """Reads an index written by `save`, checking every file against index.json.
+
+    Args:
+      directory: the index directory.
+      adaptor: optional; if given it must be the adaptor the index was built
+        with (same fingerprint), else InputError. By default the stored one.
+    """
+    directory = Path(directory).absolute()
+    if not (directory / _MARKER).is_file():
+      raise InputError(f"{directory}: expected a complete index with a {_MARKER} marker, found "
+                       "none (an interrupted save, or not an index)")
+    try:
+      meta = json.loads((directory / _META).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+      raise InputError(f"{directory / _META}: expected the index's JSON metadata, got error: {e}") from None
+    if meta.get("format") != "matryoshka-index" or meta.get("format_version") != FORMAT_VERSION:
+      raise InputError(f"{directory / _META}: expected a matryoshka-index format_version "
+                       f"{FORMAT_VERSION}, found {meta.get('format')!r} {meta.get('format_version')!r}")
+    n, d, precision = meta["n"], meta["d"], meta["precision"]
+    vectors = _read_npy(directory / _VECTORS, (n, d), np.dtype(_PRECISIONS[precision]))
+    dims = tuple(meta["dims"])
+    norms = _read_npy(directory / _NORMS, (len(dims), n), np.dtype(np.float32))
+    ids = json.loads((directory / _IDS).read_text())
+    if not isinstance(ids, list) or len(ids) != n or not all(isinstance(v, str) for v in ids):
+      raise InputError(f"{directory / _IDS}: expected a JSON list of {n} str ids")
+    stored = meta.get("adaptor")
+    if stored is None and adaptor is not None:
+      raise InputError(f"{directory}: the index was built without an adaptor, got one ({adaptor!r})")
+    if stored is not None:
+      if adaptor is None:
+        adaptor = _load_adaptor(directory / _ADAPTOR)
+      found = _adaptor_fingerprint(adaptor)
+      if found != stored["fingerprint"]:
+        raise InputError(f"{directory}: adaptor mismatch: the index was built with adaptor "
+                         f"fingerprint {stored['fingerprint']}, got {found} ({adaptor!r})")
+    return cls(vectors, ids, adaptor=adaptor, precision=precision,
+               inv_norms={m: norms[i] for i, m in enumerate(dims)},
+               block_size=int(meta.get("block_size", 16384)))
+
+
+def _load_adaptor(path):
+  # A function, because MatryoshkaIndex.load's `adaptor` argument hides the module.
+  return adaptor.load(path)
+
+
+def _check_adaptor(model) -> None:
+  if model is not None and not all(hasattr(model, a) for a in ("apply", "d_in", "d_out", "config")):
+    raise InputError(f"adaptor must be a fitted adaptor.Adaptor (or None), got {type(model).__name__}")
+
+
+def _read_npy(path: Path, shape, dtype) -> np.ndarray:
+  """Reads a .npy file straight into an aligned buffer, checking its shape and dtype."""
+  try:
+    with open(path, "rb") as f:
+      version = np.lib.format.read_magic(f)
+      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0)
+      found_shape, fortran, found_dtype = read_header(f)
+      if tuple(found_shape) != tuple(shape) or found_dtype != dtype or fortran:
+        raise InputError(f"{path}: expected a C-order {dtype} array of shape {tuple(shape)}, "
+                         f"found {found_dtype} {tuple(found_shape)}{' (Fortran order)' if fortran else ''}")
+      out = _aligned_empty(shape, dtype)
+      view = memoryview(out.reshape(-1).view(np.uint8))
+      got = 0
+      while got < out.nbytes:
+        r = f.readinto(view[got:])
+        if not r:
+          break
+        got += r
+      if got != out.nbytes:
+        raise InputError(f"{path}: expected {out.nbytes} bytes of data, found {got} (truncated file)")
+  except OSError as e:
+    raise InputError(f"{path}: cannot read: {e}") from None
+  except ValueError as e:
+    if isinstance(e, InputError):
+      raise
+    raise InputError(f"{path}: expected a .npy file, got error: {e}") from None
+  return out
+
+
+# ---------------------------------------------------------------- planning
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A planned funnel schedule and what it was measured to achieve.
+
+  Attributes:
+    schedule: the chosen (dim, keep) stages, or the full-size exact search
+      [(d, k)] if no cheaper candidate reached the target.
+    recall: mean top-k overlap with full-size exact search on the validation
+      queries (recall@k against full-size exact results).
+    cost: estimated multiply-add equivalents per query
+      (`search.schedule_cost`) at `corpus_size` documents.
+    exact_cost: the same for full-size exact search, the schedule [(d, k)].
+    speedup: exact_cost / cost.
+    corpus_size: the corpus size the costs are estimated for.
+    target: the recall target.
+    candidates: the candidates measured, cheapest first: {"schedule", "recall", "cost"}.
+  """
+
+  schedule: tuple[tuple[int, int], ...]
+  recall: float
+  cost: float
+  exact_cost: float
+  speedup: float
+  corpus_size: int
+  target: float
+  candidates: list
+
+  def to_dict(self) -> dict:
+    out = dataclasses.asdict(self)
+    out["schedule"] = [list(s) for s in self.schedule]
+    return out
+
+
+def _overlap(found: np.ndarray, reference: np.ndarray) -> float:
+  """Mean |found_i ∩ reference_i| / k over rows ([n_q, k] each)."""
+  k = reference.shape[1]
+  hits = (found[:, :, None] == reference[:, None, :]).any(axis=2).sum(axis=1)
+  return float(np.mean(hits / k))
+
+
+def _rerank_np(q_by_dim, vectors, norms, cand, m, keep):
+  """numpy twin of search.rerank over [n_q, n_cand] candidates (ascending order)."""
+  q = q_by_dim[m]
+  out = np.empty((cand.shape[0], keep), np.int64)
+  chunk = max(1, search_lib._RERANK_FLOATS // max(1, cand.shape[1] * m))
+  for s in range(0, cand.shape[0], chunk):
+    c = cand[s:s + chunk]
+    vec = vectors[c, :m].astype(np.float32)
+    sc = np.einsum("qd,qcd->qc", q[s:s + chunk], vec) * norms[m][c]
+    order = np.argsort(-sc, axis=1, kind="stable")[:, :keep]
+    out[s:s + chunk] = np.take_along_axis(c, order, axis=1)
+  return np.sort(out, axis=1)
+
+
+def plan_schedule(index: MatryoshkaIndex, query_embeddings, *, k: int = 10,
+                  target_recall: float = 0.99, first_dims=None, first_keeps=None,
+                  middle_dims=None, middle_keeps=None, corpus_size: int | None = None,
+                  rerank_weight: float = 4.0, adapted: bool = False) -> Plan:
+  """Picks the cheapest funnel whose top-k matches full-size exact search often enough.
+
+  Considers every two-stage schedule [(m1, K1), (d, k)] and three-stage
+  schedule [(m1, K1), (m2, K2), (d, k)] from the given grids, cheapest first
+  (by `search.schedule_cost`), and measures on the validation queries the mean
+  overlap of its top k with the top k of exact search at all d dims (recall@k
+  against full-size exact results); the first at or above `target_recall` wins.
+
+  Args:
+    index: the index to plan for.
+    query_embeddings: validation queries (raw), with shape [n_q, d_in].
+    k: results per query.
+    target_recall: the recall@k against full-size exact search to reach.
+    first_dims: candidate m1 (default: the index's stored dims below d).
+    first_keeps: candidate K1 (default 20, 50, 100, 200, 500, 1000, 2000, 4000).
+    middle_dims: candidate m2 (default: the first dims); m1 < m2 < d.
+    middle_keeps: candidate K2 (default 20, 50, 100, 200); k <= K2 < K1.
+    corpus_size: corpus size the costs are estimated for (default: the index's).
+    rerank_weight: see `search.schedule_cost`.
+    adapted: the queries are already adapted vectors [n_q, d].
+
+  Returns:
+    A `Plan`; if no candidate cheaper than full-size exact search reaches
+    the target, its schedule is full-size exact search [(d, k)], recall 1.
+  """
+  if not 0 < target_recall <= 1:
+    raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}")
+  n, d = index.n, index.d
+  k = search_lib._check_k(k, n, what="the index size")
+  q = (check_embeddings(query_embeddings, name="query_embeddings", dim=d).astype(np.float32)
+       if adapted else index.prepare_queries(query_embeddings))
+  corpus_size = n if corpus_size is None else search_lib._check_positive(corpus_size, "corpus_size")
+  first_dims = [m for m in index.dims if m < d] if first_dims is None else list(first_dims)
+  middle_dims = first_dims if middle_dims is None else list(middle_dims)
+  first_keeps = (20, 50, 100, 200, 500, 1000, 2000, 4000) if first_keeps is None else first_keeps
+  middle_keeps = (20, 50, 100, 200) if middle_keeps is None else middle_keeps
+  first_keeps = sorted({c for c in first_keeps if k <= c <= n})
+  middle_keeps = sorted({c for c in middle_keeps if k <= c})
+  for m in set(first_dims) | set(middle_dims):
+    search_lib.check_dim(m, d, name="planned dims")
+
+  _, exact = index.search_rows(q, k, adapted=True)
+  q_by_dim = {m: np.asarray(search_lib.truncate(q, m)) for m in set(first_dims + middle_dims + [d])}
+  norms = {m: index.prefix_inv_norms(m) for m in q_by_dim}
+  schedules = []
+  for m1 in sorted(set(first_dims)):
+    for k1 in first_keeps:
+      if m1 >= d:
+        continue
+      schedules.append(((m1, k1), (d, k)))
+      schedules += [((m1, k1), (m2, k2), (d, k)) for m2 in sorted(set(middle_dims))
+                    for k2 in middle_keeps if m1 < m2 < d and k2 < k1]
+  cost = lambda sch: search_lib.schedule_cost(sch, corpus_size, rerank_weight=rerank_weight)
+  exact_cost = cost(((d, k),))
+  # Only funnels estimated cheaper than full-size exact search are worth trying.
+  schedules = sorted((sch for sch in schedules if cost(sch) < exact_cost), key=cost)
+
+  # Cheapest first, stopping at the first that reaches the target; the
+  # first-stage shortlists are computed once per m1, at the largest K1.
+  shortlists, candidates, best = {}, [], None
+  for schedule in schedules:
+    m1, k1 = schedule[0]
+    if m1 not in shortlists:
+      shortlists[m1] = index.search_rows(q, max(first_keeps), dim=m1, adapted=True)[1]
+    rows = np.sort(shortlists[m1][:, :k1], axis=1)
+    for m, keep in schedule[1:]:
+      rows = _rerank_np(q_by_dim, index.vectors, norms, rows, m, keep)
+    candidates.append({"schedule": [list(st) for st in schedule],
+                       "recall": _overlap(rows, exact), "cost": cost(schedule)})
+    if candidates[-1]["recall"] >= target_recall:
+      best = candidates[-1]
+      break
+
+  if best is not None:
+    schedule = tuple(tuple(st) for st in best["schedule"])
+    recall, best_cost = best["recall"], best["cost"]
+  else:
+    schedule, recall, best_cost = ((d, k),), 1.0, exact_cost
+  return Plan(schedule=schedule, recall=recall, cost=best_cost, exact_cost=exact_cost,
+              speedup=exact_cost / best_cost, corpus_size=corpus_size, target=target_recall,
+              candidates=candidates)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _parse_schedule(text: str):
+  try:
+    stages = [tuple(int(v) for v in part.split(":")) for part in text.split(",") if part.strip()]
+  except ValueError:
+    stages = None
+  if not stages or any(len(s) != 2 for s in stages):
+    raise argparse.ArgumentTypeError(
+        f"expected DIM:KEEP stages separated by commas like 32:1000,128:100,768:10, got {text!r}")
+  return stages
+
+
+def _load_queries(args):
+  emb = adaptor.load_embeddings(args.queries, column=args.column, ids=args.query_ids,
+                                name="--queries")
+  ids = emb.ids or [str(i) for i in range(emb.vectors.shape[0])]
+  return emb.vectors, ids
+
+
+def _cmd_build(args):
+  model = adaptor.load(args.checkpoint) if args.checkpoint else None
+  emb = adaptor.load_embeddings(args.corpus, column=args.column, ids=args.corpus_ids,
+                                name="--corpus")
+  if model is not None and emb.vectors.shape[1] != model.d_in:
+    raise InputError(f"--corpus {args.corpus}: adaptor {args.checkpoint} expects d={model.d_in}, "
+                     f"got d={emb.vectors.shape[1]}")
+  t = time.perf_counter()
+  index = MatryoshkaIndex.build(emb.vectors, ids=emb.ids, adaptor=model, precision=args.precision)
+  index.save(args.out, overwrite=args.overwrite)
+  print(f"saved {index!r} to {args.out} ({time.perf_counter() - t:.1f} s)")
+
+
+def _write_run(path, query_ids, ids, scores) -> None:
+  """Writes a TREC-style run TSV (query-id, doc-id, rank, score) atomically."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write("query-id\tcorpus-id\trank\tscore\n")
+      for qid, row_ids, row_scores in zip(query_ids, ids, scores):
+        for rank, (doc, s) in enumerate(zip(row_ids, row_scores), 1):
+          f.write(f"{qid}\t{doc}\t{rank}\t{s:.6f}\n")
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _cmd_search(args):
+  index = MatryoshkaIndex.load(args.index)
+  queries, query_ids = _load_queries(args)
+  t = time.perf_counter()
+  scores, ids = index.search(queries, args.k, dim=args.dim, schedule=args.schedule)
+  took = time.perf_counter() - t
+  if args.output:
+    _write_run(args.output, query_ids, ids, scores)
+    print(f"wrote {len(query_ids)} x {args.k} results to {args.output} ({took:.2f} s)")
+  else:
+    for qid, row in zip(query_ids, ids):
+      print(qid + "\t" + " ".join(row))
+
+
+def _cmd_plan(args):
+  from adaptor.evaluation import write_json
+  index = MatryoshkaIndex.load(args.index)
+  queries, _ = _load_queries(args)
+  plan = plan_schedule(index, queries, k=args.k, target_recall=args.target,
+                       corpus_size=args.corpus_size)
+  stages = ",".join(f"{m}:{c}" for m, c in plan.schedule)
+  print(f"schedule {stages}  recall@{args.k} vs full exact {plan.recall:.4f}  "
+        f"est. cost {plan.cost:.3g} multiply-adds/query ({plan.speedup:.1f}x cheaper than "
+        f"full-size exact at {plan.corpus_size} docs; {len(plan.candidates)} candidates tried)")
+  if args.out:
+    write_json(plan.to_dict(), args.out)
+    print(f"wrote {args.out}")
+
+
+def add_index_commands(subparsers) -> argparse.ArgumentParser:
+  """Registers `index build|search|plan` on a CLI's subparsers.
+
+  Each leaf parser gets `handler=fn(args)`; handlers raise InputError (a
+  ValueError) or OSError on bad input, which the CLI maps to exit status 2.
+
+  Returns:
+    the `index` parser.
+  """
+  p = subparsers.add_parser("index", help="build, search and plan a Matryoshka search index")
+  sub = p.add_subparsers(dest="index_command", required=True)
+
+  b = sub.add_parser("build", help="adapt and store a corpus as an index")
+  b.add_argument("--corpus", required=True, help="corpus embeddings (.npy, .npz, .parquet, HF)")
+  b.add_argument("--corpus-ids", help="text file with one corpus id per line")
+  b.add_argument("--column", help="embedding column/array name")
+  b.add_argument("--checkpoint", help="adaptor checkpoint applied to documents and queries")
+  b.add_argument("--precision", default="float32", choices=sorted(_PRECISIONS))
+  b.add_argument("--out", required=True, help="index directory (written atomically)")
+  b.add_argument("--overwrite", action="store_true", help="replace an existing index")
+  b.set_defaults(handler=_cmd_build)
+
+  def query_args(q):
+    q.add_argument("--index", required=True, help="index directory")
+    q.add_argument("--queries", required=True, help="raw query embeddings")
+    q.add_argument("--query-ids", help="text file with one query id per line")
+    q.add_argument("--column", help="embedding column/array name")
+    q.add_argument("--k", type=int, default=10)
+
+  s = sub.add_parser("search", help="top-k documents per query (exact at a dim, or a funnel)")
+  query_args(s)
+  how = s.add_mutually_exclusive_group()
+  how.add_argument("--dim", type=int, help="prefix length for exact search (default: all)")
+  how.add_argument("--schedule", type=_parse_schedule, help="funnel, e.g. 32:1000,768:10")
+  s.add_argument("--output", help="run TSV (query-id, corpus-id, rank, score); default: print")
+  s.set_defaults(handler=_cmd_search)
+
+  pl = sub.add_parser("plan", help="cheapest funnel schedule at a recall target")
+  query_args(pl)
+  pl.add_argument("--target", type=float, default=0.99,
+                  help="recall@k against full-size exact search (default 0.99)")
+  pl.add_argument("--corpus-size", type=int, help="estimate costs for this many documents")
+  pl.add_argument("--out", help="write the plan (and every candidate) as JSON")
+  pl.set_defaults(handler=_cmd_plan)
+  return p

@@ -1,0 +1,362 @@
+"""Matryoshka search benchmark: exact search vs FAISS and numpy, funnel speed-up, quality, memory.
+
+One run prints four tables and writes them all to <out>/results.json:
+
+  1. Exact top-k throughput (queries/s) at several prefix dims on a synthetic
+     n_docs x 768 float32 corpus: this library (MatryoshkaIndex, corpus stored
+     once at full size) vs faiss.IndexFlatIP (given a contiguous, normalised
+     copy of the prefix) vs numpy (blocked matmul + argpartition),
+     single-threaded and with all threads; medians of `repeats` runs.
+  2. Funnel search with the schedule planned on real data (table 3, mpnet)
+     vs full-size exact search, on the same synthetic corpus: speed-up over
+     FAISS and over this library's full-size search.
+  3. Quality on SciFact (both models), with an adaptor fitted on the corpus and
+     the train queries: nDCG@10 and recall@10 against full-size exact results
+     for exact search at each dim and for the planned funnel, next to the time
+     per query. The funnel is planned on the train queries (validation) and
+     evaluated on the test queries.
+  4. Peak RSS (VmHWM) of building, and of loading + searching, the synthetic
+     index in float32 and float16, each measured in a fresh subprocess.
+
+Timing runs in subprocesses so thread settings take effect before JAX, XLA,
+OpenBLAS and FAISS start: single-threaded means
+XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+OMP/OPENBLAS/MKL_NUM_THREADS=1 and faiss.omp_set_num_threads(1).
+
+Run (1M x 768 corpus, about 10 minutes on 2 cores; fits the two adaptors first
+unless results/bench_search/adaptor-<model> already exist):
+  python experiments/bench_search.py --out results/bench_search
+
+Run locally in seconds (20k docs, 100 queries, shipped MiniLM data only):
+  python experiments/bench_search.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SINGLE_THREAD_ENV = {
+    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+    "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+}
+
+
+@dataclasses.dataclass
+class Config:
+  data: str = str(REPO.parent / "shared" / "data" / "scifact")
+  models: tuple[str, ...] = ("all-mpnet-base-v2", "all-MiniLM-L6-v2")
+  plan_model: str = "all-mpnet-base-v2"  # whose planned funnel is timed at scale
+  n_docs: int = 1_000_000
+  d: int = 768
+  n_queries: int = 1000
+  k: int = 10
+  dims: tuple[int, ...] = (64, 256, 768)
+  repeats: int = 3
+  threads: tuple[str, ...] = ("1", "all")
+  plan_target: float = 0.99
+  fit_steps: int | None = None           # None: library defaults
+  numpy_repeats: int = 1                 # the slowest baseline; one timed run per dim
+  seed: int = 0
+  out: str = "results/bench_search"
+
+
+def smoke_config() -> Config:
+  return Config(data=str(REPO / "data" / "scifact"), models=("all-MiniLM-L6-v2",),
+                plan_model="all-MiniLM-L6-v2", n_docs=20_000, d=384, n_queries=100,
+                dims=(64, 384), repeats=2, fit_steps=30, out="results/bench_search-smoke")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _median_time(fn, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def _overlap(found, reference) -> float:
+  k = reference.shape[1]
+  return float(np.mean((found[:, :, None] == reference[:, None, :]).any(2).sum(1) / k))
+
+
+def _peak_rss_bytes() -> int:
+  for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+      return int(line.split()[1]) * 1024
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _synthetic(cfg: Config, n: int, salt: int) -> np.ndarray:
+  # Matryoshka-like synthetic data: coordinate variance decays along the vector,
+  # so short prefixes carry most of the signal. Generated in chunks of float32.
+  rng = np.random.default_rng([cfg.seed, salt])
+  scale = np.linspace(1.0, 0.2, cfg.d).astype(np.float32)
+  out = np.empty((n, cfg.d), np.float32)
+  for s in range(0, n, 65536):
+    out[s:s + 65536] = rng.standard_normal((min(65536, n - s), cfg.d), dtype=np.float32) * scale
+  return out
+
+
+def _run_worker(cfg: Config, role: str, extra: dict, threads: str) -> dict:
+  env = dict(os.environ)
+  if threads == "1":
+    env.update(SINGLE_THREAD_ENV)
+  with tempfile.TemporaryDirectory() as tmp:
+    out = Path(tmp) / "out.json"
+    payload = json.dumps({"config": dataclasses.asdict(cfg), "extra": extra, "threads": threads})
+    subprocess.run([sys.executable, __file__, "--worker", role, "--payload", payload,
+                    "--worker-out", str(out)], env=env, check=True)
+    return json.loads(out.read_text())
+
+
+# ---------------------------------------------------------------- workers
+
+
+def worker_speed(cfg: Config, extra: dict, threads: str) -> dict:
+  """Tables 1 and 2 under one thread setting."""
+  import faiss
+  from adaptor.index import MatryoshkaIndex
+  if threads == "1":
+    faiss.omp_set_num_threads(1)
+  k, reps = cfg.k, cfg.repeats
+  index = MatryoshkaIndex.build(_synthetic(cfg, cfg.n_docs, 1), dims=(), precision="float32")
+  queries = _synthetic(cfg, cfg.n_queries, 2)
+  warm = queries[:256]
+  out = {"exact": {}, "funnel": {}}
+  exact_rows = {}
+  for dim in cfg.dims:
+    index.prefix_inv_norms(dim)
+    index.search_rows(warm, k, dim=dim, adapted=True)   # compile
+    ours = _median_time(lambda: index.search_rows(queries, k, dim=dim, adapted=True), reps)
+    _, rows = index.search_rows(queries, k, dim=dim, adapted=True)
+    exact_rows[dim] = rows
+    # FAISS and numpy get a contiguous, normalised copy of the prefix (what they need).
+    prefix = np.ascontiguousarray(index.vectors[:, :dim]) * index.prefix_inv_norms(dim)[:, None]
+    q = queries[:, :dim] / np.linalg.norm(queries[:, :dim], axis=1, keepdims=True)
+    q = np.ascontiguousarray(q, np.float32)
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(prefix)
+    flat.search(q[:10], k)
+    t_faiss = _median_time(lambda: flat.search(q, k), reps)
+    _, faiss_rows = flat.search(q, k)
+    del flat
+
+    def numpy_search():
+      best_s = np.full((len(q), k), -np.inf, np.float32)
+      best_i = np.zeros((len(q), k), np.int64)
+      for s in range(0, prefix.shape[0], 65536):
+        sc = q @ prefix[s:s + 65536].T
+        part = np.argpartition(-sc, k, axis=1)[:, :k]
+        cs = np.concatenate([best_s, np.take_along_axis(sc, part, 1)], 1)
+        ci = np.concatenate([best_i, part + s], 1)
+        top = np.argpartition(-cs, k, axis=1)[:, :k]
+        best_s, best_i = np.take_along_axis(cs, top, 1), np.take_along_axis(ci, top, 1)
+      return best_s, best_i
+    t_numpy = _median_time(numpy_search, cfg.numpy_repeats)
+    del prefix
+    out["exact"][str(dim)] = {
+        "ours_qps": cfg.n_queries / ours, "faiss_qps": cfg.n_queries / t_faiss,
+        "numpy_qps": cfg.n_queries / t_numpy, "ours_s": ours, "faiss_s": t_faiss,
+        "numpy_s": t_numpy, "ours_over_faiss_time": ours / t_faiss,
+        "agreement_with_faiss": _overlap(rows, faiss_rows)}
+    print(f"[threads={threads}] exact dim {dim}: ours {ours:.2f}s faiss {t_faiss:.2f}s "
+          f"numpy {t_numpy:.2f}s", flush=True)
+  schedule = [tuple(s) for s in extra["schedule"]]
+  index.search_rows(warm, k, schedule=schedule, adapted=True)
+  t = _median_time(lambda: index.search_rows(queries, k, schedule=schedule, adapted=True), reps)
+  _, rows = index.search_rows(queries, k, schedule=schedule, adapted=True)
+  full = out["exact"][str(cfg.d)]
+  out["funnel"] = {"schedule": [list(s) for s in schedule], "s": t, "qps": cfg.n_queries / t,
+                   "speedup_vs_faiss_full": full["faiss_s"] / t,
+                   "speedup_vs_ours_full": full["ours_s"] / t,
+                   "synthetic_recall_vs_full": _overlap(rows, exact_rows[cfg.d])}
+  print(f"[threads={threads}] funnel {schedule}: {t:.2f}s", flush=True)
+  return out
+
+
+def worker_memory(cfg: Config, extra: dict, threads: str) -> dict:
+  """Table 4: one phase ("build" or "search") at one precision, in a fresh process."""
+  from adaptor.index import MatryoshkaIndex
+  path, precision = extra["path"], extra["precision"]
+  if extra["phase"] == "build":
+    corpus = _synthetic(cfg, cfg.n_docs, 1)
+    index = MatryoshkaIndex.build(corpus, precision=precision)
+    del corpus
+    index.save(path)
+  else:
+    index = MatryoshkaIndex.load(path)
+    # One query batch (256): batches run one after another, so more queries
+    # take longer but need no more memory.
+    queries = _synthetic(cfg, min(cfg.n_queries, 256), 2)
+    index.search_rows(queries, cfg.k, adapted=True)
+    index.search_rows(queries, cfg.k, schedule=[tuple(s) for s in extra["schedule"]],
+                      adapted=True)
+  return {"peak_rss": _peak_rss_bytes(), "index_bytes": index.nbytes,
+          "vector_bytes": index.vectors.nbytes}
+
+
+# ---------------------------------------------------------------- quality
+
+
+def quality(cfg: Config) -> dict:
+  """Table 3 (in this process, all threads), plus the plan that tables 2 and 4 time."""
+  import adaptor
+  from adaptor.index import MatryoshkaIndex, plan_schedule
+  out = {}
+  for model in cfg.models:
+    data = adaptor.load_beir(cfg.data, model)
+    train_q, _, _ = data.split_queries("train")
+    test_q, test_ids, qrels = data.split_queries("test")
+    ckpt = Path(cfg.out) / f"adaptor-{model}"
+    if (ckpt / "COMPLETE").is_file():
+      fitted = adaptor.load(ckpt)
+      print(f"{model}: reusing the adaptor in {ckpt}", flush=True)
+    else:
+      t = time.perf_counter()
+      extra = {} if cfg.fit_steps is None else {"steps": cfg.fit_steps}
+      fitted = adaptor.fit(data.corpus.vectors, queries=train_q, seed=0, quiet=True, **extra)
+      fitted.save(ckpt)
+      print(f"{model}: fitted an adaptor in {time.perf_counter() - t:.0f} s -> {ckpt}", flush=True)
+    index = MatryoshkaIndex.build(data.corpus.vectors, ids=data.corpus.ids, adaptor=fitted)
+    q = index.prepare_queries(test_q)
+    d = index.d
+    t = time.perf_counter()
+    plan = plan_schedule(index, train_q, k=cfg.k, target_recall=cfg.plan_target,
+                         corpus_size=cfg.n_docs)
+    plan_s = time.perf_counter() - t
+    _, full = index.search_rows(q, cfg.k, adapted=True)
+    rows = {}
+
+    def measure(name, **how):
+      index.search_rows(q, cfg.k, adapted=True, **how)
+      t = _median_time(lambda: index.search_rows(q, cfg.k, adapted=True, **how), cfg.repeats)
+      scores, found = index.search_rows(q, cfg.k, adapted=True, **how)
+      metrics = adaptor.evaluate_topk(found, scores, test_ids, data.corpus.ids, qrels,
+                                      k_values=(cfg.k,))
+      rows[name] = {"ndcg@10": metrics[f"ndcg@{cfg.k}"], "recall@10_vs_full": _overlap(found, full),
+                    "ms_per_query": 1000 * t / len(q)}
+
+    for dim in fitted.dims:
+      measure(f"exact {dim}", dim=dim)
+    measure("funnel " + ",".join(f"{m}:{c}" for m, c in plan.schedule), schedule=plan.schedule)
+    out[model] = {"rows": rows, "plan": plan.to_dict(), "plan_seconds": plan_s,
+                  "n_docs": index.n, "n_test_queries": len(q), "d": d}
+    print(f"{model}: planned {plan.schedule} (validation recall {plan.recall:.4f}, "
+          f"est. {plan.speedup:.1f}x at {cfg.n_docs} docs, {len(plan.candidates)} tried, "
+          f"{plan_s:.0f} s)", flush=True)
+  return out
+
+
+# ---------------------------------------------------------------- main
+
+
+def _tables(cfg: Config, res: dict) -> str:
+  lines = [f"## 1. Exact top-{cfg.k} search, {cfg.n_docs:,} x {cfg.d} float32, "
+           f"{cfg.n_queries} queries (queries/s, median of {cfg.repeats})", "",
+           "| threads | dim | this library | faiss IndexFlatIP | numpy | library time / faiss time "
+           "| top-10 agreement with faiss |", "|---|---|---|---|---|---|---|"]
+  for threads, sp in res["speed"].items():
+    for dim, r in sp["exact"].items():
+      lines.append(f"| {threads} | {dim} | {r['ours_qps']:.1f} | {r['faiss_qps']:.1f} | "
+                   f"{r['numpy_qps']:.1f} | {r['ours_over_faiss_time']:.2f} | "
+                   f"{r['agreement_with_faiss']:.4f} |")
+  lines += ["", f"## 2. Funnel vs full-size exact search on the same corpus "
+            f"(schedule planned on SciFact/{cfg.plan_model})", "",
+            "| threads | schedule | queries/s | speed-up vs faiss full | speed-up vs library full "
+            "| recall@10 vs full (SciFact test, real) | recall@10 vs full (synthetic) |",
+            "|---|---|---|---|---|---|---|"]
+  real = res["quality"][cfg.plan_model]
+  funnel_name = [n for n in real["rows"] if n.startswith("funnel")][0]
+  for threads, sp in res["speed"].items():
+    f = sp["funnel"]
+    stages = ",".join(f"{m}:{c}" for m, c in f["schedule"])
+    lines.append(f"| {threads} | {stages} | {f['qps']:.1f} | {f['speedup_vs_faiss_full']:.1f}x | "
+                 f"{f['speedup_vs_ours_full']:.1f}x | "
+                 f"{real['rows'][funnel_name]['recall@10_vs_full']:.4f} | "
+                 f"{f['synthetic_recall_vs_full']:.4f} |")
+  for model, q in res["quality"].items():
+    plan = q["plan"]
+    lines += ["", f"## 3. SciFact / {model}: adapted embeddings, {q['n_docs']} docs, "
+              f"{q['n_test_queries']} test queries (funnel planned on train queries: validation "
+              f"recall {plan['recall']:.4f}, est. {plan['speedup']:.1f}x at {cfg.n_docs:,} docs)", "",
+              "| search | nDCG@10 | recall@10 vs full exact | ms / query |", "|---|---|---|---|"]
+    for name, r in q["rows"].items():
+      lines.append(f"| {name} | {r['ndcg@10']:.4f} | {r['recall@10_vs_full']:.4f} | "
+                   f"{r['ms_per_query']:.3f} |")
+  lines += ["", f"## 4. Peak RSS (VmHWM), {cfg.n_docs:,} x {cfg.d} index, fresh process per row", "",
+            "| precision | phase | peak RSS (GiB) | index size (GiB) | peak / index size |",
+            "|---|---|---|---|---|"]
+  for precision, phases in res["memory"].items():
+    for phase, m in phases.items():
+      lines.append(f"| {precision} | {phase} | {m['peak_rss'] / 2**30:.2f} | "
+                   f"{m['index_bytes'] / 2**30:.2f} | {m['peak_rss'] / m['index_bytes']:.2f} |")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--smoke", action="store_true", help="tiny sizes; runs in seconds")
+  parser.add_argument("--out", help="results folder (default: results/bench_search)")
+  parser.add_argument("--n-docs", type=int, help="synthetic corpus size")
+  parser.add_argument("--worker", help=argparse.SUPPRESS)
+  parser.add_argument("--payload", help=argparse.SUPPRESS)
+  parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  sys.path.insert(0, str(REPO))
+
+  if args.worker:
+    p = json.loads(args.payload)
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in p["config"].items()}
+    cfg = Config(**fields)
+    fn = {"speed": worker_speed, "memory": worker_memory}[args.worker]
+    result = fn(cfg, p["extra"], p["threads"])
+    Path(args.worker_out).write_text(json.dumps(result))
+    return 0
+
+  cfg = smoke_config() if args.smoke else Config()
+  if args.out:
+    cfg.out = args.out
+  if args.n_docs:
+    cfg.n_docs = args.n_docs
+  from adaptor.evaluation import write_json
+  t0 = time.perf_counter()
+  res = {"config": dataclasses.asdict(cfg)}
+  res["quality"] = quality(cfg)
+  schedule = res["quality"][cfg.plan_model]["plan"]["schedule"]
+  res["speed"] = {("1" if th == "1" else f"all ({os.cpu_count()})"):
+                  _run_worker(cfg, "speed", {"schedule": schedule}, th) for th in cfg.threads}
+  res["memory"] = {}
+  with tempfile.TemporaryDirectory(dir=cfg.out if os.path.isdir(cfg.out) else None) as tmp:
+    for precision in ("float32", "float16"):
+      path = os.path.join(tmp, f"index-{precision}")
+      extra = {"path": path, "precision": precision, "schedule": schedule}
+      res["memory"][precision] = {
+          phase: _run_worker(cfg, "memory", {**extra, "phase": phase}, "all")
+          for phase in ("build", "search")}
+  res["seconds"] = time.perf_counter() - t0
+  table = _tables(cfg, res)
+  print("\n" + table + f"\n\n(total {res['seconds']:.0f} s)")
+  write_json(res, os.path.join(cfg.out, "results.json"))
+  Path(cfg.out, "tables.md").write_text(table + "\n")
+  print(f"wrote {cfg.out}/results.json and {cfg.out}/tables.md")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,226 @@
+"""MatryoshkaIndex: build, search (exact and funnel), add, save/load, planning, CLI handlers."""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import adaptor
+from adaptor import index as index_lib
+from adaptor.index import MatryoshkaIndex, add_index_commands, plan_schedule
+from adaptor.model import AdaptorConfig, MatryoshkaAdaptor
+from adaptor.search import search
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "scifact"
+EMB = DATA / "embeddings" / "all-MiniLM-L6-v2"
+
+
+def _unit(x):
+  x = np.asarray(x, np.float64)
+  return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _brute_rows(queries, corpus, k, dim):
+  q, c = _unit(queries[:, :dim]), _unit(corpus[:, :dim])
+  return np.argsort(-(q.astype(np.float64) @ c.T.astype(np.float64)), axis=1, kind="stable")[:, :k]
+
+
+@pytest.fixture(scope="module")
+def small_adaptor():
+  from flax import nnx
+  module = MatryoshkaAdaptor(12, d_out=12, hidden=0, reorder=True, rngs=nnx.Rngs(0))
+  return adaptor.Adaptor(module)
+
+
+def test_build_and_search_exact_matches_brute_force():
+  rng = np.random.default_rng(0)
+  corpus = rng.normal(size=(300, 16)).astype(np.float32)
+  queries = rng.normal(size=(4, 16)).astype(np.float32)
+  ids = [f"d{i}" for i in range(300)]
+  index = MatryoshkaIndex.build(corpus, ids=ids, dims=(4,))
+  for dim in (4, 8, None):
+    scores, found = index.search(queries, 5, dim=dim)
+    ref = _brute_rows(queries, corpus, 5, dim or 16)
+    assert found.shape == scores.shape == (4, 5)
+    assert [[int(v[1:]) for v in row] for row in found] == ref.tolist()
+  assert set(index.dims) == {4, 8, 16}          # 8 was computed on first use and kept
+
+
+def test_adaptor_applied_to_documents_and_queries(small_adaptor):
+  rng = np.random.default_rng(1)
+  corpus = rng.normal(size=(120, 12)).astype(np.float32)
+  queries = rng.normal(size=(3, 12)).astype(np.float32)
+  index = MatryoshkaIndex.build(corpus, adaptor=small_adaptor)
+  np.testing.assert_allclose(index.vectors, small_adaptor.apply(corpus), atol=1e-6)
+  scores, rows = index.search_rows(queries, 4, dim=6)
+  ref_s, ref_i = search(small_adaptor.apply(queries), small_adaptor.apply(corpus), 4, dim=6)
+  np.testing.assert_array_equal(rows, ref_i)
+  np.testing.assert_allclose(scores, ref_s, atol=1e-6)
+
+
+def test_funnel_through_index_and_add():
+  rng = np.random.default_rng(2)
+  corpus = rng.normal(size=(200, 16)).astype(np.float32)
+  more = rng.normal(size=(50, 16)).astype(np.float32)
+  index = MatryoshkaIndex.build(corpus, precision="float16")
+  index.add(more)
+  assert index.ids[-1] == "249" and index.vectors.dtype == np.float16
+  whole = MatryoshkaIndex.build(np.concatenate([corpus, more]), precision="float16")
+  np.testing.assert_array_equal(index.vectors, whole.vectors)
+  for m in whole.dims:
+    np.testing.assert_array_equal(index.prefix_inv_norms(m), whole.prefix_inv_norms(m))
+  q = rng.normal(size=(3, 16)).astype(np.float32)
+  _, a = index.search(q, 5, schedule=[(4, 60), (16, 5)])
+  _, b = whole.search(q, 5, schedule=[(4, 60), (16, 5)])
+  np.testing.assert_array_equal(a, b)
+  with pytest.raises(adaptor.InputError, match="already in the index"):
+    index.add(more[:2], ids=["3", "new"])
+
+
+def test_save_load_round_trip_exactly(tmp_path, small_adaptor):
+  rng = np.random.default_rng(3)
+  corpus = rng.normal(size=(90, 12)).astype(np.float32)
+  for precision in ("float32", "float16"):
+    index = MatryoshkaIndex.build(corpus, ids=[f"x{i}" for i in range(90)],
+                                  adaptor=small_adaptor, precision=precision)
+    index.save(tmp_path / precision)
+    back = MatryoshkaIndex.load(tmp_path / precision)
+    assert back.vectors.dtype == index.vectors.dtype and back.vectors.ctypes.data % 4096 == 0
+    np.testing.assert_array_equal(back.vectors, index.vectors)
+    assert back.ids == index.ids and back.dims == index.dims
+    for m in index.dims:
+      np.testing.assert_array_equal(back.prefix_inv_norms(m), index.prefix_inv_norms(m))
+    q = rng.normal(size=(2, 12)).astype(np.float32)
+    for a, b in zip(index.search(q, 3, dim=4), back.search(q, 3, dim=4)):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_crash_mid_save_leaves_old_index(tmp_path, monkeypatch):
+  corpus = np.random.default_rng(4).normal(size=(30, 8)).astype(np.float32)
+  MatryoshkaIndex.build(corpus).save(tmp_path / "ix")
+  bigger = MatryoshkaIndex.build(np.concatenate([corpus, corpus + 1]))
+
+  def boom(*a, **kw):
+    raise KeyboardInterrupt("crash")
+  monkeypatch.setattr(index_lib.checkpoint, "_fsync_tree", boom)
+  with pytest.raises(KeyboardInterrupt):
+    bigger.save(tmp_path / "ix")
+  assert sorted(os.listdir(tmp_path)) == ["ix"]           # No temporary left behind.
+  assert MatryoshkaIndex.load(tmp_path / "ix").n == 30
+
+
+def test_clear_errors(tmp_path, small_adaptor):
+  rng = np.random.default_rng(5)
+  corpus = rng.normal(size=(40, 12)).astype(np.float32)
+  index = MatryoshkaIndex.build(corpus, adaptor=small_adaptor)
+  with pytest.raises(adaptor.InputError, match=r"query_embeddings must have d=12 columns, got shape \(2, 8\)"):
+    index.search(np.ones((2, 8), np.float32), 3)
+  bad = np.ones((2, 12), np.float32)
+  bad[1, 3] = np.nan
+  with pytest.raises(adaptor.InputError, match="NaN"):
+    index.search(bad, 3)
+  with pytest.raises(adaptor.InputError, match=r"corpus_embeddings must have d=12 columns"):
+    MatryoshkaIndex.build(np.ones((5, 7), np.float32), adaptor=small_adaptor)
+  with pytest.raises(ValueError, match=r"k must be an int in \[1, 40\]"):
+    index.search(corpus[:1], 41)
+  with pytest.raises(ValueError, match="dim must be in"):
+    index.search(corpus[:1], 3, dim=13)
+  with pytest.raises(adaptor.InputError, match=r"unknown ids \(first \['nope'\]\)"):
+    index.get_vectors(["0", "nope"])
+  np.testing.assert_allclose(np.linalg.norm(index.get_vectors(["3"], dim=5), axis=1), 1, rtol=1e-6)
+  with pytest.raises(adaptor.InputError, match="precision must be one of"):
+    MatryoshkaIndex.build(corpus, precision="int8")
+  index.save(tmp_path / "ix")
+  from flax import nnx
+  other = adaptor.Adaptor(MatryoshkaAdaptor(12, d_out=12, hidden=4, reorder=True, rngs=nnx.Rngs(1)))
+  with pytest.raises(adaptor.InputError, match="adaptor mismatch"):
+    MatryoshkaIndex.load(tmp_path / "ix", adaptor=other)
+  with pytest.raises(adaptor.InputError, match="COMPLETE marker"):
+    MatryoshkaIndex.load(tmp_path / "nothing")
+  (tmp_path / "junk").mkdir()
+  (tmp_path / "junk" / "file").write_text("x")
+  with pytest.raises(adaptor.InputError, match="refusing to replace"):
+    index.save(tmp_path / "junk")
+
+
+def test_plan_schedule_reaches_target_and_is_cheapest():
+  rng = np.random.default_rng(6)
+  # Matryoshka-like: energy decays along the coordinates, so short prefixes rank well.
+  corpus = (rng.normal(size=(600, 256)) * np.linspace(1.0, 0.02, 256) ** 2).astype(np.float32)
+  queries = corpus[:40] + 0.1 * rng.normal(size=(40, 256)).astype(np.float32)
+  index = MatryoshkaIndex.build(corpus)
+  kw = dict(k=5, first_keeps=(10, 40, 200), middle_keeps=(20,), corpus_size=100_000)
+  plan = plan_schedule(index, queries, **kw)
+  _, exact = index.search_rows(queries, 5)
+  _, funnel = index.search_rows(queries, 5, schedule=plan.schedule)
+  hits = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(funnel, exact)])
+  assert plan.recall >= 0.99 and hits == pytest.approx(plan.recall)
+  assert plan.speedup > 1 and plan.schedule[-1] == (256, 5) and len(plan.schedule) > 1
+  costs = [c["cost"] for c in plan.candidates]
+  assert costs == sorted(costs) and all(c["recall"] < 0.99 for c in plan.candidates[:-1])
+  assert all(c < plan.exact_cost for c in costs)
+  hard = plan_schedule(index, queries, k=5, first_dims=(1,), first_keeps=(10,), middle_keeps=())
+  assert hard.schedule == ((256, 5),) and hard.speedup == 1.0
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _cli(argv) -> int:
+  """adaptor.cli.main if it has the index command, else an equivalent local parser."""
+  from adaptor import cli
+  parser = cli.build_parser()
+  commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+  if "index" in commands.choices:
+    return cli.main(argv)
+  parser = argparse.ArgumentParser(prog="matryoshka-adaptor")
+  add_index_commands(parser.add_subparsers(dest="command", required=True))
+  args = parser.parse_args(argv)
+  try:
+    args.handler(args)
+  except (ValueError, OSError) as e:
+    print(f"matryoshka-adaptor {args.command}: error: {e}", file=__import__("sys").stderr)
+    return 2
+  return 0
+
+
+@pytest.mark.slow
+def test_cli_build_search_plan_on_shipped_data(tmp_path, capsys):
+  out = tmp_path / "ix"
+  assert _cli(["index", "build", "--corpus", str(EMB / "corpus.npy"), "--corpus-ids",
+               str(EMB / "corpus_ids.txt"), "--precision", "float16", "--out", str(out)]) == 0
+  run = tmp_path / "run.tsv"
+  queries = ["--queries", str(EMB / "queries.npy"), "--query-ids", str(EMB / "query_ids.txt")]
+  assert _cli(["index", "search", "--index", str(out), *queries, "--k", "3",
+               "--schedule", "32:200,384:3", "--output", str(run)]) == 0
+  lines = run.read_text().splitlines()
+  assert len(lines) == 1 + 1109 * 3 and lines[1].split("\t")[2] == "1"
+  corpus = np.load(EMB / "corpus.npy")
+  ids = (EMB / "corpus_ids.txt").read_text().split()
+  q = np.load(EMB / "queries.npy")[:1]
+  top = _brute_rows(q.astype(np.float32), corpus.astype(np.float16).astype(np.float32), 1, 384)
+  assert lines[1].split("\t")[1] == ids[top[0, 0]]
+  few = tmp_path / "few.npy"   # 100 validation queries keep the plan quick
+  np.save(few, np.load(EMB / "queries.npy")[:100])
+  assert _cli(["index", "plan", "--index", str(out), "--queries", str(few),
+               "--out", str(tmp_path / "p.json")]) == 0
+  assert "recall@10 vs full exact" in capsys.readouterr().out
+  plan = json.loads((tmp_path / "p.json").read_text())
+  assert plan["recall"] >= 0.99 and plan["schedule"][-1] == [384, 10]
+
+
+def test_cli_bad_input_exits_2(tmp_path, capsys):
+  assert _cli(["index", "search", "--index", str(tmp_path / "none"), "--queries",
+               str(EMB / "queries.npy")]) == 2
+  assert "COMPLETE marker" in capsys.readouterr().err
+  ok = tmp_path / "ix"
+  assert _cli(["index", "build", "--corpus", str(EMB / "corpus.npy"), "--out", str(ok)]) == 0
+  bad = tmp_path / "q.npy"
+  np.save(bad, np.ones((2, 5), np.float32))
+  assert _cli(["index", "search", "--index", str(ok), "--queries", str(bad)]) == 2
+  assert "must have d=384 columns" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    _cli(["index", "search", "--index", str(ok), "--queries", str(bad), "--schedule", "32-100"])
