@@ -54,7 +54,7 @@ class LossWeights:
   topk: float = 0.0
   reconstruction: float = 0.0
   rank: float = 1.0
-  ranking: float = 1.0
+  ranking: float = 4.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +113,7 @@ class TrainConfig:
   random_docs: int = 256
   query_fraction: float = 0.8
   steps: int = 3000
-  supervised_steps: int = 1500
+  supervised_steps: int = 3000
   query_batch: int = 32
   hard_negatives: int = 16
   negatives_from: int = 100
