@@ -9,10 +9,12 @@ A checkpoint is a directory holding
 It is built in a sibling `<name>.tmp-<random>` directory, fsynced, and only
 then renamed into place, so a crash at any moment leaves the previous complete
 checkpoint or the new complete one, never a half-written directory that `load`
-accepts. Arrays are stored as a nested dict keyed by their pytree path (an
-`nnx.State`, optax's namedtuples and plain tuples all flatten the same way),
-and `load` rebuilds the caller's structure from a `target` pytree, checking
-every leaf's shape and dtype against it.
+accepts. (An overwrite moves the old checkpoint aside to `<name>.old-<token>`
+before renaming the new one in; if it is killed between the two renames,
+`load` moves the old one back.) Arrays are stored as a nested dict keyed by
+their pytree path (an `nnx.State`, optax's namedtuples and plain tuples all
+flatten the same way), and `load` rebuilds the caller's structure from a
+`target` pytree, checking every leaf's shape and dtype against it.
 
 `TrainCheckpointer` keeps the last few `step_<n>/` checkpoints of a training
 run, with the same layout, so that an interrupted run can resume.
@@ -160,8 +162,16 @@ def _write_params(path: Path, nested: dict) -> None:
 
 
 def _read_params(path: Path) -> dict:
-  with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
-    restored = ckptr.restore(path, args=ocp.args.StandardRestore())
+  try:
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+      restored = ckptr.restore(path, args=ocp.args.StandardRestore())
+  except (ValueError, OSError, KeyError) as e:
+    # Orbax/tensorstore errors for a missing or truncated file are long and
+    # unspecific; keep their first line, and raise the error callers catch.
+    detail = (str(e).strip().splitlines() or [""])[0][:200]
+    raise CheckpointError(
+        f"{path}: expected readable orbax arrays, found missing or corrupt files "
+        f"({type(e).__name__}: {detail})") from e
   return jax.tree.map(np.asarray, restored)
 
 
@@ -258,9 +268,31 @@ def save(directory: str | os.PathLike, state, config: dict, *, overwrite: bool =
     raise
 
 
+def _recover_moved_aside(directory: Path) -> Path | None:
+  """Where the previous checkpoint is after a save was killed between its two renames.
+
+  Such a save leaves the previous (complete) checkpoint at `<name>.old-<token>`
+  and nothing at `directory`. It is moved back, as `TrainCheckpointer` does for
+  its steps; where that fails (a read-only file system) it is read in place.
+  Returns None when there is no such checkpoint.
+  """
+  name = glob.escape(directory.name)
+  olds = [p for p in directory.parent.glob(f"{name}.old-*") if (p / _MARKER).is_file()]
+  if not olds:
+    return None
+  old = max(olds, key=lambda p: p.stat().st_mtime)
+  try:
+    os.replace(old, directory)
+  except OSError:
+    return old
+  return directory
+
+
 def _checked(directory: str | os.PathLike) -> tuple[Path, dict]:
   """Validates a checkpoint directory and returns its absolute path and config."""
   directory = Path(directory).absolute()
+  if not directory.is_dir():
+    directory = _recover_moved_aside(directory) or directory
   if not directory.is_dir():
     name = glob.escape(directory.name)
     leftovers = sorted(

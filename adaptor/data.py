@@ -2,7 +2,8 @@
 
 Every loader ends in `check_embeddings`, so whatever the source (.npy, .npz,
 Parquet, a Hugging Face dataset or an array), training and evaluation receive a
-2-D float16/float32 array with finite, non-zero rows. Every bad input raises
+2-D float16/float32 array with finite, non-zero rows whose L2 norm float32
+normalisation can use (in [1e-12, ~1.8e19]). Every bad input raises
 `InputError` with a message that names the argument or path, what was expected
 and what was found; the CLI maps it to exit code 2.
 
@@ -30,6 +31,10 @@ _CHUNK_ROWS = 65536
 # How many offending row indices or ids an error message lists.
 _SHOW = 5
 _QRELS_SPLITS = ("train", "dev", "test")
+# Norm bounds of a usable row: `search.l2_normalize` treats norms <= 1e-12
+# (its _NORM_EPS) as zero, and a float32 squared norm above float32's max is Inf.
+_MIN_NORM = 1e-12
+_MAX_SQ_NORM = float(np.finfo(np.float32).max)
 
 
 class InputError(ValueError):
@@ -92,9 +97,9 @@ def _describe_rows(count: int, what: str, rows: list[int]) -> str:
   return f"{count} {noun} {what} (first rows {rows})"
 
 
-def _scan_rows(x: np.ndarray, name: str, chunk_rows: int | None = None) -> None:
-  """Raises InputError if any row of [n, d] `x` has NaN, Inf or is all zeros."""
-  counts = {"nan": [0, 0, []], "inf": [0, 0, []], "zero": [0, 0, []]}  # rows, values, first
+def _row_problems(x: np.ndarray, chunk_rows: int | None = None) -> list[str]:
+  """Describes the rows of [n, d] `x` with NaN, Inf, all zeros, or a norm normalisation cannot use."""
+  counts = {key: [0, 0, []] for key in ("nan", "inf", "zero", "tiny", "huge")}  # rows, values, first
 
   def note(key, bad_rows, start, n_values):
     idx = np.flatnonzero(bad_rows)
@@ -117,6 +122,19 @@ def _scan_rows(x: np.ndarray, name: str, chunk_rows: int | None = None) -> None:
     zero = ~chunk.any(axis=1)
     if zero.any():
       note("zero", zero, sl.start, 0)
+    # Rows are L2-normalised in float32 downstream (`search.l2_normalize`),
+    # which returns a zero vector when the squared norm is at most
+    # _MIN_NORM**2 or overflows: such a row would silently become the zero
+    # vector (or, after the adaptor, the adaptor's image of zero). The squared
+    # norm is taken in float64 so this check itself neither under- nor overflows.
+    with np.errstate(invalid="ignore"):
+      sq = np.einsum("ij,ij->i", chunk, chunk, dtype=np.float64)
+      tiny = (sq > 0) & (sq <= _MIN_NORM**2)
+      huge = np.isfinite(sq) & (sq > _MAX_SQ_NORM)
+    if tiny.any():
+      note("tiny", tiny, sl.start, 0)
+    if huge.any():
+      note("huge", huge, sl.start, 0)
 
   problems = []
   rows, values, first = counts["nan"]
@@ -128,6 +146,21 @@ def _scan_rows(x: np.ndarray, name: str, chunk_rows: int | None = None) -> None:
   rows, _, first = counts["zero"]
   if rows:
     problems.append(_describe_rows(rows, "all zeros", first))
+  rows, _, first = counts["tiny"]
+  if rows:
+    problems.append(_describe_rows(
+        rows, f"with an L2 norm below {_MIN_NORM:g} (too small to normalise in float32)", first))
+  rows, _, first = counts["huge"]
+  if rows:
+    problems.append(_describe_rows(
+        rows, f"with an L2 norm above {np.sqrt(_MAX_SQ_NORM):.3g} (its square overflows float32)",
+        first))
+  return problems
+
+
+def _scan_rows(x: np.ndarray, name: str, chunk_rows: int | None = None) -> None:
+  """Raises InputError if any row of [n, d] `x` is listed by `_row_problems`."""
+  problems = _row_problems(x, chunk_rows)
   if problems:
     raise InputError(
         f"{name} must have finite, non-zero rows; got " + "; ".join(problems)
@@ -145,7 +178,9 @@ def check_embeddings(
 
   float32 (and float16 when `allow_float16`) arrays are returned as they are, so
   a np.memmap stays a memmap; float64 and integer arrays are converted to
-  float32 (in memory). The NaN/Inf/zero-row scan walks the rows in chunks.
+  float32 (in memory). The NaN/Inf/zero-row scan walks the rows in chunks; it
+  also refuses rows whose L2 norm is below 1e-12 or whose squared norm
+  overflows float32, which normalisation would silently turn into zero vectors.
 
   Args:
     x: embeddings, with shape [n, d], n >= 1 and d >= 1.
@@ -275,10 +310,27 @@ def _read_text(path: Path, what: str) -> str:
     raise InputError(f"{what} {path} could not be read as UTF-8 text: {e}") from e
 
 
+def _npy_dtype(path: Path):
+  """The dtype in a .npy header, or None if the header cannot be read."""
+  try:
+    with open(path, "rb") as f:
+      fmt = np.lib.format
+      read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(
+          fmt.read_magic(f))
+      return None if read is None else read(f)[2]
+  except Exception:  # Any failure just means no better message.
+    return None
+
+
 def _load_npy(path: Path, mmap: bool) -> np.ndarray:
   try:
     x = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
   except (ValueError, OSError, EOFError) as e:
+    dtype = _npy_dtype(path)
+    if dtype is not None and dtype.hasobject:  # Not corrupt: pickled Python objects.
+      raise InputError(
+          f"{path} must hold a numeric array, got dtype {dtype} (Python objects, "
+          "which are never unpickled)") from e
     raise InputError(
         f"{path} is not a readable .npy array (truncated or corrupt?): {e}") from e
   if not isinstance(x, np.ndarray):
@@ -442,7 +494,8 @@ def load_embeddings(
     ids: n ids as a sequence of str (ints are converted), or the path of a text
       file with one id per line.
     ids_column: Parquet/dataset column holding the ids (instead of `ids`).
-    name: what to call the source in error messages; defaults to its path.
+    name: what to call the source in error messages (e.g. the CLI flag); a
+      file's path is always named too.
     mmap: memory-map `.npy` files instead of reading them.
     split: the split to use when the dataset is a DatasetDict with several.
 
@@ -456,7 +509,7 @@ def load_embeddings(
 
   if isinstance(source, (str, os.PathLike)):
     path = Path(source)
-    where = name or str(path)
+    where = f"{name} {path}" if name else str(path)  # e.g. "--corpus data/x.npy"
     suffix = path.suffix.lower()
     if not path.exists():
       raise InputError(f"embeddings path {path} does not exist")

@@ -280,13 +280,11 @@ def _run_stage(name, *, steps, step_fn, evaluate, params, opt_state, data, key, 
   state = {"params": params, "opt_state": opt_state, "best": jax.tree.map(jnp.copy, params),
            "best_score": jnp.asarray(-jnp.inf if higher_is_better else jnp.inf, jnp.float32),
            "bad_evals": jnp.asarray(0, jnp.int32)}
-  start, done = 0, False
+  start, done, history, kept_step = 0, False, [], 0
   if checkpoints is not None and checkpoints.latest() is not None:
     start, state, meta = checkpoints.restore(state)
-    done = meta.get("done", False)
+    done, history, kept_step = meta["done"], meta["history"], meta["kept_step"]
   sign = 1.0 if higher_is_better else -1.0
-  history = []
-  kept_step = start
   if start == 0:
     # The starting point (PCA, or the previous stage's best) is a candidate too,
     # so a stage never returns something worse than what it was given.
@@ -316,13 +314,15 @@ def _run_stage(name, *, steps, step_fn, evaluate, params, opt_state, data, key, 
         state["bad_evals"] = jnp.asarray(0, jnp.int32)
       else:
         state["bad_evals"] = state["bad_evals"] + 1
-      if sign * score >= sign * float(state["best_score"]) - config.val_tolerance * abs(float(state["best_score"])):
+      best = float(state["best_score"])
+      if sign * score >= sign * best - config.val_tolerance * abs(best):
         state["best"] = jax.tree.map(jnp.copy, state["params"])
         kept_step = step
       done = int(state["bad_evals"]) >= config.patience or step >= steps
       bar.set_postfix(loss=f"{loss:.4f}", val=f"{score:.4f}", best=f"{float(state['best_score']):.4f}")
       if checkpoints is not None:
-        checkpoints.save(step, state, {"stage": name, "done": done})
+        checkpoints.save(step, state, {"stage": name, "done": done, "history": history,
+                                       "kept_step": kept_step})
   bar.close()
   summary = {"steps": step, "best_val": float(state["best_score"]), "kept_step": kept_step,
              "history": history}

@@ -68,6 +68,10 @@ def test_interrupted_fit_resumes_to_identical_parameters(tmp_path, monkeypatch):
   resumed = _fit(seed=3, checkpoint_dir=tmp_path / "resume")
   for x, y in zip(_params(reference), _params(resumed)):
     np.testing.assert_array_equal(x, y)
+  ref_stage = reference.info["stages"]["unsupervised"]
+  res_stage = resumed.info["stages"]["unsupervised"]
+  assert res_stage["history"] == ref_stage["history"]
+  assert res_stage["kept_step"] == ref_stage["kept_step"]
 
 
 def test_early_stopping_stops_before_max_steps():

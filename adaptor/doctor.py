@@ -1,0 +1,258 @@
+"""`matryoshka-adaptor check`: every problem of an embeddings file or a checkpoint, at once.
+
+The loaders (`data.load_embeddings`, `api.load`) stop at the first problem,
+which is right before a fit; before handing over a file, or after a crash, one
+wants the whole list. `check_file` reads the same formats with the same rules
+and collects every problem instead of raising. It never writes: unlike
+`adaptor.load`, it does not move back a checkpoint that an interrupted save
+left aside.
+
+    problems = check_file("corpus.npy", ids="corpus_ids.txt")   # [] when fine
+    matryoshka-adaptor check corpus.npy --ids corpus_ids.txt       # exit 0, or 2 with the list
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from adaptor import data
+from adaptor.data import InputError
+
+EXAMPLES = """\
+examples:
+  matryoshka-adaptor check data/scifact/embeddings/all-MiniLM-L6-v2/corpus.npy \\
+      --ids data/scifact/embeddings/all-MiniLM-L6-v2/corpus_ids.txt
+  matryoshka-adaptor check corpus.parquet --column embedding
+  matryoshka-adaptor check checkpoints/scifact-minilm
+"""
+
+# Files that make a directory a checkpoint (see adaptor.checkpoint).
+_CHECKPOINT_FILES = ("COMPLETE", "config.json", "params")
+
+
+def check_file(path, *, column: str | None = None, ids=None) -> list[str]:
+  """Lists every problem of an embeddings file or an adaptor checkpoint directory.
+
+  Embeddings (.npy, .npz, .parquet, or a directory saved by
+  `datasets.Dataset.save_to_disk`) are read as `load_embeddings` reads them;
+  the problems it would raise one at a time are all reported: unreadable file,
+  wrong rank or dtype, no rows, rows with NaN, Inf, all zeros or an unusable
+  norm (with counts and the first rows), and, with `ids`, a wrong id count and
+  every duplicate id. A checkpoint directory (one holding COMPLETE,
+  config.json or params/) is checked for its marker, config, format and
+  library version, adaptor section, and readable arrays of the right shapes.
+
+  Args:
+    path: the file or directory.
+    column: array (.npz) or column (Parquet, dataset) holding the vectors.
+    ids: path of a text file with one id per row.
+
+  Returns:
+    One line per problem, each naming the file; an empty list means usable.
+  """
+  return _inspect(path, column=column, ids=ids)[1]
+
+
+def _inspect(path, *, column=None, ids=None) -> tuple[str, list[str]]:
+  """(one-line summary of what was found, problems)."""
+  path = Path(path)
+  if not path.exists():
+    leftovers = sorted(p.name for kind in ("tmp", "old")
+                       for p in path.parent.glob(f"{glob.escape(path.name)}.{kind}-*"))
+    hint = f" (an interrupted save left {leftovers})" if leftovers else ""
+    return "nothing", [f"{path} does not exist{hint}"]
+  if path.is_dir() and any((path / f).exists() for f in _CHECKPOINT_FILES):
+    if column is not None or ids is not None:
+      return "a checkpoint", [f"{path} is a checkpoint directory; --column and --ids apply "
+                              "to embeddings files"]
+    return _inspect_checkpoint(path)
+  return _inspect_embeddings(path, column, ids)
+
+
+# ---------------------------------------------------------------------------
+# Embeddings
+
+
+def _raw_vectors(path: Path, column: str | None):
+  """The stored array, before any validation of its values; raises InputError."""
+  suffix = path.suffix.lower()
+  if path.is_dir():
+    import datasets
+    try:
+      ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as e:
+      raise InputError(f"directory {path} must be a checkpoint or a dataset written by "
+                       f"Dataset.save_to_disk: {e}") from e
+    col = column or "embedding"
+    table, where = data._hf_table(ds, [col], str(path), None)
+    return data._vectors_from_arrow(table, col, where)
+  if suffix == ".npy":
+    if column is not None:
+      raise InputError(f"column applies to .npz, Parquet and datasets, got .npy file {path}")
+    return data._load_npy(path, mmap=True)
+  if suffix == ".npz":
+    return data._load_npz(path, column)
+  if suffix == ".parquet":
+    col = column or "embedding"
+    return data._vectors_from_arrow(data._read_parquet(path, [col]), col, str(path))
+  raise InputError(f"{path} must be a .npy, .npz or .parquet file, a dataset directory or a "
+                   f"checkpoint directory, got suffix {path.suffix!r}")
+
+
+def _inspect_embeddings(path: Path, column, ids) -> tuple[str, list[str]]:
+  problems = []
+  try:
+    x = _raw_vectors(path, column)
+  except InputError as e:
+    return "unreadable embeddings", [str(e)]
+  summary = f"embeddings with shape {tuple(x.shape)} dtype {x.dtype}"
+  scannable = True
+  if x.ndim != 2:
+    problems.append(f"{path} must be 2-D [n, d], got {x.ndim}-D array with shape {x.shape}")
+    scannable = False
+  elif x.shape[0] < 1 or x.shape[1] < 1:
+    problems.append(f"{path} must have at least 1 row and 1 column [n, d], got shape {x.shape}")
+    scannable = False
+  if x.dtype.kind not in "fiu":
+    problems.append(f"{path} must have a real float or integer dtype, got dtype {x.dtype}")
+    scannable = False
+  if scannable:
+    if x.dtype not in (np.float16, np.float32):
+      # As check_embeddings does: float64 -> float32 may overflow to Inf.
+      with np.errstate(over="ignore"):
+        x = x.astype(np.float32)
+    rows = data._row_problems(x)
+    if rows:
+      problems.append(f"{path} must have finite, non-zero rows; got " + "; ".join(rows)
+                      + f" out of {x.shape[0]} rows")
+  if ids is not None:
+    n = x.shape[0] if x.ndim >= 1 else None
+    problems += _id_problems(Path(ids), n, str(path))
+  return summary, problems
+
+
+def _id_problems(ids_path: Path, n: int | None, where: str) -> list[str]:
+  try:
+    ids = data.load_ids(ids_path)
+  except InputError as e:
+    return [str(e)]
+  problems = []
+  if n is not None and len(ids) != n:
+    problems.append(f"ids file {ids_path} must have one id per row of {where} ({n}), "
+                    f"got {len(ids)} ids")
+  dupes = [(v, c) for v, c in Counter(ids).items() if c > 1]
+  if dupes:
+    first = [f"{v!r} x{c}" for v, c in dupes[:data._SHOW]]
+    problems.append(f"ids file {ids_path} must hold unique ids, got {len(dupes)} duplicated "
+                    f"ids (first: {', '.join(first)})")
+  blank = [i + 1 for i, v in enumerate(ids) if not v.strip()]
+  if blank:
+    problems.append(f"ids file {ids_path} must hold non-empty ids, got blank ids on lines "
+                    f"{blank[:data._SHOW]}")
+  return problems
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+
+
+def _inspect_checkpoint(path: Path) -> tuple[str, list[str]]:
+  import adaptor
+  from adaptor import checkpoint
+  from adaptor.checkpoint import CheckpointError
+  from adaptor.model import AdaptorConfig
+
+  problems = []
+  if not (path / checkpoint._MARKER).is_file():
+    problems.append(f"{path}: expected a {checkpoint._MARKER} marker (written last by a "
+                    "save), found none: an interrupted save, or not a checkpoint")
+  config, cfg = None, None
+  config_path = path / checkpoint._CONFIG
+  try:
+    config = json.loads(config_path.read_text())
+    if not isinstance(config, dict):
+      problems.append(f"{config_path}: expected a JSON object, found {type(config).__name__}")
+      config = None
+  except FileNotFoundError:
+    problems.append(f"{config_path}: expected a JSON config file, found none")
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    problems.append(f"{config_path}: expected valid JSON, found an error: {e}")
+  if config is not None:
+    if config.get("format_version") != checkpoint.FORMAT_VERSION:
+      problems.append(f"{config_path}: expected format_version {checkpoint.FORMAT_VERSION}, "
+                      f"found {config.get('format_version')!r}")
+    found = config.get("library_version")
+    if str(found).split(".")[:2] != adaptor.__version__.split(".")[:2]:
+      problems.append(f"{config_path}: expected library_version {adaptor.__version__} (same "
+                      f"major.minor), found {found!r}")
+    try:
+      cfg = AdaptorConfig.from_dict(config["adaptor"])
+    except (KeyError, TypeError, ValueError) as e:
+      problems.append(f"{config_path}: expected a valid 'adaptor' section, found error: "
+                      f"{type(e).__name__}: {e}")
+  params = path / checkpoint._PARAMS
+  if not params.is_dir():
+    problems.append(f"{params}: expected an orbax checkpoint directory, found none")
+  else:
+    try:
+      nested = checkpoint._read_params(params)
+      if cfg is not None:
+        checkpoint._fit_to_target(nested, _abstract_params(cfg), params)
+    except CheckpointError as e:
+      problems.append(str(e))
+  summary = "a checkpoint" if cfg is None else (
+      f"an adaptor checkpoint (d_in={cfg.d_in}, d_out={cfg.d_out}, hidden={cfg.hidden}, "
+      f"dims={list(cfg.dims)})")
+  return summary, problems
+
+
+def _abstract_params(cfg):
+  from flax import nnx
+
+  from adaptor.model import MatryoshkaAdaptor
+
+  abstract = nnx.eval_shape(lambda: MatryoshkaAdaptor(
+      cfg.d_in, d_out=cfg.d_out, hidden=cfg.hidden, reorder=cfg.reorder, rngs=nnx.Rngs(0)))
+  return nnx.state(abstract, nnx.Param)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+def run_check(args: argparse.Namespace) -> int:
+  """Prints a short report on `args.path`; returns 0 if it is usable, else 2."""
+  summary, problems = _inspect(args.path, column=args.column, ids=args.ids)
+  if not problems:
+    print(f"{args.path}: OK, {summary}")
+    return 0
+  noun = "problem" if len(problems) == 1 else "problems"
+  print(f"{args.path}: {len(problems)} {noun} ({summary})")
+  for p in problems:
+    print(f"  - {p}")
+  return 2
+
+
+def add_check_command(subparsers) -> argparse.ArgumentParser:
+  """Registers `check FILE [--column C] [--ids IDS]`; its handler is `args.handler`.
+
+  The handler (`run_check`) returns the exit code: 0 when FILE is usable, 2
+  when it lists problems.
+  """
+  p = subparsers.add_parser(
+      "check", help="list every problem of an embeddings file or a checkpoint",
+      description="Reads an embeddings file (.npy, .npz, .parquet, saved dataset) or an "
+                  "adaptor checkpoint directory and lists every problem found; exits 0 if "
+                  "there are none, 2 otherwise.",
+      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("path", metavar="FILE", help="embeddings file/dataset or checkpoint directory")
+  p.add_argument("--column", help="embedding column/array name (npz, parquet, HF datasets)")
+  p.add_argument("--ids", help="text file with one id per row, checked against FILE")
+  p.set_defaults(handler=run_check)
+  return p

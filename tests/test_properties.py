@@ -1,0 +1,161 @@
+"""Property tests: search against brute force, truncation, metrics, save/load, batching.
+
+Shapes are drawn from a few fixed sizes so that the jitted functions compile a
+handful of times, not once per example.
+"""
+
+import tempfile
+
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis.extra.numpy import arrays
+
+import adaptor
+from adaptor.model import MatryoshkaAdaptor
+
+SETTINGS = settings(max_examples=25, deadline=None)
+D = 6
+
+
+def _brute_force_cosine(queries, corpus, dim):
+  """[n_queries, n_docs] float64 cosines of the `dim`-prefixes; zero prefixes score 0."""
+  def unit(x):
+    x = np.asarray(x, np.float64)[:, :dim]
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+  return unit(queries) @ unit(corpus).T
+
+
+# Small integer coordinates make exact ties (equal documents, zero prefixes) common.
+small_ints = st.integers(-2, 2)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_exact_search_equals_brute_force_up_to_ties(data):
+  n = data.draw(st.sampled_from([1, 9, 40]), label="n_docs")
+  dim = data.draw(st.integers(1, D), label="dim")
+  k = data.draw(st.sampled_from(sorted({1, min(3, n), n})), label="k")
+  block = data.draw(st.sampled_from(sorted({n, max(1, n // 4)})), label="block_size")
+  corpus = data.draw(arrays(np.int8, (n, D), elements=small_ints)).astype(np.float32)
+  queries = data.draw(arrays(np.int8, (3, D), elements=small_ints)).astype(np.float32)
+
+  scores, idx = adaptor.exact_search(queries, corpus, k, dim=dim, block_size=block)
+  want = _brute_force_cosine(queries, corpus, dim)
+  assert scores.shape == idx.shape == (3, k)
+  tol = 1e-5
+  for q in range(3):
+    assert len(set(idx[q].tolist())) == k, "a document returned twice"
+    assert ((0 <= idx[q]) & (idx[q] < n)).all()
+    np.testing.assert_allclose(scores[q], want[q, idx[q]], atol=tol)  # Scores are the docs' own.
+    assert (np.diff(scores[q]) <= tol).all(), "not best first"
+    # The same multiset of top-k scores as brute force; any document left out
+    # scores no better than the worst one returned (a tie at the boundary).
+    np.testing.assert_allclose(scores[q], np.sort(want[q])[::-1][:k], atol=tol)
+    left_out = np.setdiff1d(np.arange(n), idx[q])
+    assert (want[q, left_out] <= scores[q, -1] + tol).all()
+
+
+finite_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False, allow_subnormal=True)
+
+
+@SETTINGS
+@given(x=arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(1, 9)),
+                elements=finite_f32 | st.sampled_from([0.0, 1e-40, 1e-20, 1e20])),
+       dim_frac=st.floats(0, 1))
+def test_truncate_gives_unit_or_zero_rows(x, dim_frac):
+  dim = max(1, int(round(dim_frac * x.shape[1])))
+  t = np.asarray(adaptor.truncate(jnp.asarray(x), dim))
+  assert t.shape == (x.shape[0], dim) and t.dtype == np.float32
+  assert np.isfinite(t).all()
+  norms = np.linalg.norm(t.astype(np.float64), axis=1)
+  prefix = np.linalg.norm(x[:, :dim].astype(np.float64), axis=1)
+  for row, norm, p in zip(t, norms, prefix):
+    assert (row == 0).all() or abs(norm - 1) < 1e-5, (norm, p)
+    if 2e-12 < p < 1e18:  # Comfortably normalisable in float32: never zeroed.
+      assert abs(norm - 1) < 1e-5, (norm, p)
+    if p < 0.5e-12:
+      assert (row == 0).all()
+
+
+@st.composite
+def judged(draw):
+  """qrels where every query has a relevant document, and a run of arbitrary scores."""
+  docs = [f"d{i}" for i in range(8)]
+  qrels, run = {}, {}
+  for q in range(draw(st.integers(1, 4))):
+    grades = draw(st.dictionaries(st.sampled_from(docs), st.integers(0, 3), min_size=1))
+    grades[draw(st.sampled_from(docs))] = draw(st.integers(1, 3))
+    qrels[f"q{q}"] = grades
+    run[f"q{q}"] = draw(st.dictionaries(st.sampled_from(docs), st.floats(-5, 5)))
+  return qrels, run
+
+
+@SETTINGS
+@given(case=judged(), k_values=st.lists(st.integers(1, 10), min_size=1, max_size=3))
+def test_metrics_are_in_unit_interval_and_one_for_a_perfect_ranking(case, k_values):
+  qrels, run = case
+  for value in adaptor.evaluate(run, qrels, k_values=k_values).values():
+    assert 0.0 <= value <= 1.0
+  # Perfect: each judged document scored by its grade; unjudged ones below them all.
+  perfect = {q: {**{f"x{i}": -1.0 - i for i in range(3)},
+                 **{d: float(g) for d, g in rels.items()}} for q, rels in qrels.items()}
+  got = adaptor.evaluate(perfect, qrels, k_values=k_values + [100])
+  for k in k_values:
+    assert abs(got[f"ndcg@{k}"] - 1.0) < 1e-12
+    assert got[f"mrr@{k}"] == 1.0
+    want_recall = np.mean([min(k, sum(g > 0 for g in r.values())) / sum(g > 0 for g in r.values())
+                           for r in qrels.values()])
+    assert abs(got[f"recall@{k}"] - want_recall) < 1e-12
+  assert got["recall@100"] == 1.0
+
+
+def _random_adaptor(d_in, d_out, hidden, reorder, seed):
+  module = MatryoshkaAdaptor(d_in, d_out=d_out, hidden=hidden, reorder=reorder,
+                             rngs=nnx.Rngs(seed))
+  rng = np.random.default_rng(seed)
+  graphdef, state = nnx.split(module, nnx.Param)
+  state = jax.tree.map(lambda v: rng.normal(size=v.shape).astype(np.float32), state)
+  nnx.update(module, state)
+  return adaptor.Adaptor(module, info={"seed": seed})
+
+
+@SETTINGS
+@given(d_in=st.integers(2, 6), d_out_frac=st.floats(0, 1), hidden=st.sampled_from([0, 3]),
+       reorder=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_save_load_round_trips_exactly(d_in, d_out_frac, hidden, reorder, seed):
+  d_out = max(1, int(round(d_out_frac * d_in)))
+  a = _random_adaptor(d_in, d_out, hidden, reorder, seed)
+  with tempfile.TemporaryDirectory() as tmp:
+    a.save(f"{tmp}/ck")
+    b = adaptor.load(f"{tmp}/ck")
+  assert b.config == a.config and b.info == a.info
+  leaves_a = jax.tree.leaves(nnx.state(a.module, nnx.Param))
+  leaves_b = jax.tree.leaves(nnx.state(b.module, nnx.Param))
+  assert len(leaves_a) == len(leaves_b) > 0
+  for x, y in zip(leaves_a, leaves_b):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+APPLY_MODEL = _random_adaptor(D, D, 4, True, 0)
+
+
+@SETTINGS
+@given(x=arrays(np.float32, st.tuples(st.sampled_from([1, 5, 13]), st.just(D)),
+                elements=st.floats(-3, 3, width=32)).filter(
+                    lambda x: (np.linalg.norm(x, axis=1) > 1e-3).all()),
+       batch_size=st.sampled_from([1, 4, 16]), dim=st.sampled_from([2, D]))
+def test_apply_is_invariant_to_batch_size_and_padding(x, batch_size, dim):
+  # Each row is adapted on its own: neither its batch-mates nor the zero rows
+  # padding the last batch may change it.
+  got = APPLY_MODEL.apply(x, dim=dim, batch_size=batch_size)
+  one_batch = APPLY_MODEL.apply(x, dim=dim, batch_size=x.shape[0])
+  np.testing.assert_array_equal(got, one_batch)
+  padded = np.concatenate([x, np.ones((16 - x.shape[0] % 16, D), np.float32)])
+  np.testing.assert_array_equal(APPLY_MODEL.apply(padded, dim=dim, batch_size=16)[:len(x)],
+                                APPLY_MODEL.apply(x, dim=dim, batch_size=16))
