@@ -13,5 +13,6 @@ from adaptor.checkpoint import CheckpointError
 from adaptor.data import Embeddings, InputError, load_beir, load_embeddings, load_qrels
 from adaptor.metrics import evaluate, evaluate_topk
 from adaptor.model import AdaptorConfig, MatryoshkaAdaptor, default_dims
-from adaptor.search import exact_search, l2_normalize, truncate
+from adaptor.index import MatryoshkaIndex, Plan, plan_schedule
+from adaptor.search import exact_search, funnel_search, l2_normalize, prefix_inv_norms, search, truncate
 from adaptor.train import LossWeights, TrainConfig, fit

@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--dims", type=_dims, help="dims to evaluate (default: 16,32,... and full)")
   ev.add_argument("--out", help="folder for results.json and the PNG plot")
   ev.add_argument("--quiet", action="store_true")
+
+  from adaptor.index import add_index_commands
+  add_index_commands(sub)
   return parser
 
 
@@ -220,7 +223,8 @@ def _cmd_eval(args):
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   try:
-    {"fit": _cmd_fit, "apply": _cmd_apply, "eval": _cmd_eval}[args.command](args)
+    handlers = {"fit": _cmd_fit, "apply": _cmd_apply, "eval": _cmd_eval}
+    handlers.get(args.command, getattr(args, "handler", None))(args)
   except (ValueError, OSError) as e:  # InputError and CheckpointError are ValueErrors.
     print(f"matryoshka-adaptor {args.command}: error: {e}", file=sys.stderr)
     return 2
