@@ -196,6 +196,12 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _remove_tree(path: Path) -> None:
+  # The marker goes first, so a deletion killed halfway never leaves a
+  # directory that still claims to be a complete checkpoint.
+  try:
+    os.remove(path / _MARKER)
+  except OSError:
+    pass
   shutil.rmtree(path, ignore_errors=True)
 
 

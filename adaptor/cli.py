@@ -36,9 +36,12 @@ examples (on the SciFact data shipped in data/):
 
 def _dims(text: str) -> tuple[int, ...]:
   try:
-    return tuple(int(x) for x in text.split(",") if x.strip())
+    dims = tuple(int(x) for x in text.split(",") if x.strip())
   except ValueError:
+    dims = ()
+  if not dims:
     raise argparse.ArgumentTypeError(f"expected comma-separated ints like 16,32,64, got {text!r}")
+  return dims
 
 
 def _add_input_args(p, *, with_beir: bool):
@@ -98,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--out", help="folder for results.json and the PNG plot")
   ev.add_argument("--quiet", action="store_true")
 
+  from adaptor.doctor import add_check_command
   from adaptor.index import add_index_commands
   add_index_commands(sub)
+  add_check_command(sub)
   return parser
 
 
@@ -141,6 +146,9 @@ def _cmd_fit(args):
     raise adaptor.InputError("--supervised needs qrels (--beir, or --qrels with ids)")
   if args.no_queries:
     queries = None
+  if args.dims is not None:
+    from adaptor.model import check_dims
+    check_dims(args.dims, args.d_out or corpus.shape[1], name="--dims")
   resume = args.resume_dir or os.fspath(args.out).rstrip("/") + ".train"
   model = adaptor.fit(
       corpus, dims=args.dims, queries=queries,
@@ -182,6 +190,10 @@ def _cmd_apply(args):
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, out)
+  except OSError as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise InputError(f"--output {out}: could not write: {e.strerror or e}") from None
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
@@ -224,11 +236,11 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   try:
     handlers = {"fit": _cmd_fit, "apply": _cmd_apply, "eval": _cmd_eval}
-    handlers.get(args.command, getattr(args, "handler", None))(args)
+    rc = handlers.get(args.command, getattr(args, "handler", None))(args)
   except (ValueError, OSError) as e:  # InputError and CheckpointError are ValueErrors.
     print(f"matryoshka-adaptor {args.command}: error: {e}", file=sys.stderr)
     return 2
-  return 0
+  return rc or 0
 
 
 if __name__ == "__main__":

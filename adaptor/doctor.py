@@ -66,7 +66,7 @@ def _inspect(path, *, column=None, ids=None) -> tuple[str, list[str]]:
     leftovers = sorted(p.name for kind in ("tmp", "old")
                        for p in path.parent.glob(f"{glob.escape(path.name)}.{kind}-*"))
     hint = f" (an interrupted save left {leftovers})" if leftovers else ""
-    return "nothing", [f"{path} does not exist{hint}"]
+    return "no such file or directory", [f"{path} does not exist{hint}"]
   if path.is_dir() and any((path / f).exists() for f in _CHECKPOINT_FILES):
     if column is not None or ids is not None:
       return "a checkpoint", [f"{path} is a checkpoint directory; --column and --ids apply "

@@ -73,6 +73,9 @@ class AdaptorConfig:
       raise ValueError(f"d_out must be <= d_in ({self.d_in}), got {self.d_out}")
     if isinstance(self.hidden, bool) or not isinstance(self.hidden, (int, np.integer)) or self.hidden < 0:
       raise ValueError(f"hidden must be an int >= 0, got {self.hidden!r}")
+    if not self.reorder and not self.hidden:
+      raise ValueError("an adaptor needs reorder=True or hidden > 0; with neither it has no "
+                       "parameters (it would only truncate)")
     dims = self.dims or default_dims(self.d_out)
     object.__setattr__(self, "dims", check_dims(dims, self.d_out))
 

@@ -283,7 +283,8 @@ def _run_stage(name, *, steps, step_fn, evaluate, params, opt_state, data, key, 
   start, done, history, kept_step = 0, False, [], 0
   if checkpoints is not None and checkpoints.latest() is not None:
     start, state, meta = checkpoints.restore(state)
-    done, history, kept_step = meta["done"], meta["history"], meta["kept_step"]
+    done = meta.get("done", False)
+    history, kept_step = meta.get("history", []), meta.get("kept_step", start)
   sign = 1.0 if higher_is_better else -1.0
   if start == 0:
     # The starting point (PCA, or the previous stage's best) is a candidate too,
