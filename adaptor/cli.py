@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 import numpy as np
 
@@ -166,7 +165,7 @@ def _cmd_fit(args):
 
 def _cmd_apply(args):
   import adaptor
-  from adaptor.data import InputError
+  from adaptor.data import InputError, atomic_file
 
   out = os.fspath(args.output)
   if not out.endswith(".npy"):
@@ -179,25 +178,11 @@ def _cmd_apply(args):
     raise InputError(f"--input {args.input}: adaptor {args.checkpoint} expects d={model.d_in}, "
                      f"got d={emb.vectors.shape[1]}")
   vectors = model.apply(emb.vectors, dim=args.dim, dtype=np.dtype(args.dtype))
-  folder = os.path.dirname(os.path.abspath(out))
   try:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=folder)
-  except OSError as e:
-    raise InputError(f"--output {out}: cannot write in {folder}: {e.strerror}") from None
-  try:
-    with os.fdopen(fd, "wb") as f:
+    with atomic_file(out, "wb") as f:
       np.save(f, vectors)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, out)
   except OSError as e:
-    if os.path.exists(tmp):
-      os.remove(tmp)
     raise InputError(f"--output {out}: could not write: {e.strerror or e}") from None
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
   print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} {vectors.dtype} to {out}")
 
 

@@ -14,9 +14,11 @@ bigger than RAM can still be validated.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
+import tempfile
 import sys
 import zipfile
 from collections.abc import Iterator
@@ -683,3 +685,26 @@ def load_beir(root, model: str) -> RetrievalData:
         f"{root / 'qrels'} must hold at least one of "
         f"{[s + '.tsv' for s in _QRELS_SPLITS]}, found none")
   return RetrievalData(corpus=corpus, queries=queries, qrels=qrels)
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode: str = "w"):
+  """Yields a temporary file beside `path`; on success it is fsynced and renamed onto `path`.
+
+  A failure (or a kill) at any moment leaves `path` as it was, never half written,
+  and removes the temporary file unless the process was killed.
+  """
+  path = os.fspath(path)
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+  try:
+    with os.fdopen(fd, mode) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise

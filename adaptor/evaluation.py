@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import numpy as np
 
+from adaptor.data import atomic_file
 from adaptor.metrics import evaluate_topk
 from adaptor.model import pca_basis
 from adaptor.search import exact_search
@@ -84,21 +84,9 @@ def format_table(results: dict, metric: str = "ndcg@10", *, reference: float | N
 
 def write_json(obj, path) -> None:
   """Writes JSON atomically (temp file in the same folder, then rename)."""
-  path = os.fspath(path)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2)
-      f.write("\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic_file(path) as f:
+    json.dump(obj, f, indent=2)
+    f.write("\n")
 
 
 def plot(results: dict, path, *, metric: str = "ndcg@10", title: str = "") -> None:

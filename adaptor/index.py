@@ -42,7 +42,7 @@ import numpy as np
 
 import adaptor
 from adaptor import checkpoint, search as search_lib
-from adaptor.data import InputError, check_embeddings, _as_id_list, _check_ids
+from adaptor.data import InputError, atomic_file, check_embeddings, _as_id_list, _check_ids
 
 FORMAT_VERSION = 1
 _META = "index.json"
@@ -613,22 +613,11 @@ def _cmd_build(args):
 
 def _write_run(path, query_ids, ids, scores) -> None:
   """Writes a TREC-style run TSV (query-id, doc-id, rank, score) atomically."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write("query-id\tcorpus-id\trank\tscore\n")
-      for qid, row_ids, row_scores in zip(query_ids, ids, scores):
-        for rank, (doc, s) in enumerate(zip(row_ids, row_scores), 1):
-          f.write(f"{qid}\t{doc}\t{rank}\t{s:.6f}\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic_file(path) as f:
+    f.write("query-id\tcorpus-id\trank\tscore\n")
+    for qid, row_ids, row_scores in zip(query_ids, ids, scores):
+      for rank, (doc, s) in enumerate(zip(row_ids, row_scores), 1):
+        f.write(f"{qid}\t{doc}\t{rank}\t{s:.6f}\n")
 
 
 def _cmd_search(args):

@@ -483,7 +483,7 @@ def test_read_only_output_directory(ckpt, tmp_path, capsys, monkeypatch):
   a = adaptor.load(ckpt)
   with _read_only(ro, monkeypatch):
     _cli_refuses(capsys, _apply_argv(ckpt, tmp_path / "x.npy", ro), f"--output {ro}/out.npy",
-                 f"cannot write in {ro}", "Permission denied", roots=[tmp_path, ckpt])
+                 f"--output {ro / 'out.npy'}: could not write", "Permission denied", roots=[tmp_path, ckpt])
     _api_refuses(lambda: a.save(ro / "ck"), PermissionError, ro, roots=[tmp_path])
 
 
