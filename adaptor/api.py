@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 
-import jax
 import numpy as np
 from flax import nnx
 

@@ -7,7 +7,6 @@ that names the thing, what was expected and what was found.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 

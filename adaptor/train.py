@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,9 +39,9 @@ from adaptor import losses
 from adaptor.checkpoint import TrainCheckpointer
 from adaptor.data import InputError, check_embeddings, check_qrels, fingerprint
 from adaptor.metrics import evaluate_topk
-from adaptor.model import (AdaptorConfig, MatryoshkaAdaptor, apply_adaptor, check_dims,
+from adaptor.model import (MatryoshkaAdaptor, apply_adaptor, check_dims,
                            default_dims, init_reorder_from_pca)
-from adaptor.search import exact_search, truncate
+from adaptor.search import exact_search
 
 
 @dataclasses.dataclass(frozen=True)

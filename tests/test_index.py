@@ -11,7 +11,7 @@ import pytest
 import adaptor
 from adaptor import index as index_lib
 from adaptor.index import MatryoshkaIndex, add_index_commands, plan_schedule
-from adaptor.model import AdaptorConfig, MatryoshkaAdaptor
+from adaptor.model import MatryoshkaAdaptor
 from adaptor.search import search
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "scifact"
