@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -155,7 +156,6 @@ def _cmd_fit(args):
       corpus_ids=corpus_ids if args.supervised else None,
       seed=args.seed, checkpoint_dir=resume, quiet=args.quiet, **overrides)
   model.save(args.out)
-  import shutil
   shutil.rmtree(resume, ignore_errors=True)  # The fit is complete; its resume state is not needed.
   stages = {k: {"steps": v["steps"], "best_val": round(v["best_val"], 4)}
             for k, v in model.info["stages"].items()}

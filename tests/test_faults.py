@@ -27,6 +27,15 @@ from flax import nnx
 
 import adaptor
 
+
+def _reap(proc, log):
+  """Leaves `proc` dead and waited for and `log` closed, also when the test failed early."""
+  if proc.poll() is None:  # A failure before the kill: do not leave the child running.
+    proc.kill()
+  proc.wait()
+  log.close()
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -94,10 +103,7 @@ def test_fit_killed_after_a_step_checkpoint_resumes_to_identical_parameters(tmp_
     time.sleep(np.random.default_rng(seed).uniform(0, 0.3))
     proc.send_signal(signal.SIGKILL)
   finally:
-    if proc.poll() is None:  # A failure above: do not leave the child running.
-      proc.kill()
-    proc.wait()
-    log.close()
+    _reap(proc, log)
   assert proc.returncode == -signal.SIGKILL, (seed, proc.returncode)
   assert not out.exists(), f"the fit finished before the kill (seed {seed}); raise --steps"
   # Tag the validation history the killed run checkpointed: a rerun that
@@ -166,10 +172,7 @@ def test_adaptor_save_killed_at_a_random_moment_leaves_a_loadable_checkpoint(tmp
     time.sleep(np.random.default_rng(seed).uniform(0, 2 * period))
     proc.send_signal(signal.SIGKILL)
   finally:
-    if proc.poll() is None:  # A failure above: do not leave the child running.
-      proc.kill()
-    proc.wait()
-    log.close()
+    _reap(proc, log)
   rest = proc.stdout.read().split()
   last = int(rest[-1]) if rest else 2
 
