@@ -328,14 +328,15 @@ def _run_stage(name, *, steps, step_fn, evaluate, params, opt_state, data, key, 
   return state["best"], summary
 
 
-def _neighbour_table(anchors, docs, k, exclude_self):
-  """Exact top-k documents (by full-size cosine) of each anchor, skipping the anchor itself."""
-  _, idx = exact_search(anchors, docs, min(k + (1 if exclude_self is not None else 0), docs.shape[0]))
-  if exclude_self is None:
-    return idx[:, :k]
-  # Drop the anchor's own row where it appears; keep the first k others.
-  keep = idx != exclude_self[:, None]
-  order = np.argsort(~keep, axis=1, kind="stable")
+def _neighbour_table(anchors, docs, k, own_doc):
+  """Exact top-k documents (by full-size cosine) of each anchor, skipping its own document.
+
+  Args:
+    own_doc: the document row each anchor is, or -1 for query anchors, with shape [n_anchors].
+  """
+  _, idx = exact_search(anchors, docs, min(k + 1, docs.shape[0]))
+  # Move the anchor's own row (where it appears) to the end; keep the first k others.
+  order = np.argsort(idx == own_doc[:, None], axis=1, kind="stable")
   return np.take_along_axis(idx, order, axis=1)[:, :k]
 
 
