@@ -30,6 +30,11 @@ examples (on the SciFact data shipped in data/):
   matryoshka-adaptor apply --checkpoint checkpoints/scifact-minilm \\
       --input data/scifact/embeddings/all-MiniLM-L6-v2/corpus.npy --dim 64 --dtype float16 \\
       --output corpus-64.npy
+
+  # stream a directory of .npy shards (ids in <stem>.ids.txt) far larger than memory into
+  # float16 Parquet shards + manifest.json; rerun the same command to resume after a crash
+  matryoshka-adaptor apply --checkpoint checkpoints/scifact-minilm \\
+      --input 'embeddings/*.npy' --dim 64 --dtype float16 --format parquet --output corpus-64/
 """
 
 
@@ -80,15 +85,40 @@ def build_parser() -> argparse.ArgumentParser:
                    "fit (default: <out>.train)")
   fit.add_argument("--quiet", action="store_true", help="no progress bar")
 
-  app = sub.add_parser("apply", help="adapt an embeddings file", epilog=EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+  from adaptor.stream import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_ROWS
+  app = sub.add_parser(
+      "apply", help="adapt embeddings: one .npy file, or streamed into resumable shards",
+      description=(
+          "Adapt embeddings with a fitted adaptor.\n\n"
+          "--output FILE.npy: the input is adapted in memory into one .npy file.\n"
+          "--output DIR: the inputs (.npy shards, Parquet files or a saved HF dataset;\n"
+          "  directories and globs in sorted order) are streamed batch by batch into\n"
+          "  DIR/part-NNNNN.npy (+ .ids.txt) or DIR/part-NNNNN.parquet shards and\n"
+          "  DIR/manifest.json. Rerunning the same command after a crash resumes; the\n"
+          "  result is byte-identical to an uninterrupted run."),
+      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
   app.add_argument("--checkpoint", required=True)
-  app.add_argument("--input", required=True, help=".npy, .npz, .parquet or saved HF dataset")
+  app.add_argument("--input", required=True, nargs="+",
+                   help=".npy, .npz, .parquet or saved HF dataset; for a directory output also "
+                   "a directory or a quoted glob of .npy/.parquet shards (several allowed)")
   app.add_argument("--column", help="embedding column/array name")
-  app.add_argument("--output", required=True, help="output .npy path (written atomically)")
+  app.add_argument("--output", required=True,
+                   help="FILE.npy (written atomically), or a directory for streamed shards")
   app.add_argument("--dim", type=int, help="output dims (default: all)")
   app.add_argument("--dtype", default="float32", choices=["float32", "float16"])
-  app.add_argument("--overwrite", action="store_true", help="replace an existing output")
+  app.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (a directory output: start over)")
+  app.add_argument("--format", choices=["npy", "parquet"],
+                   help="directory output: shard format (default npy, ids in part-NNNNN.ids.txt)")
+  app.add_argument("--shard-rows", type=int,
+                   help="directory output: rows per shard, the unit of resumption "
+                   f"(default {DEFAULT_SHARD_ROWS})")
+  app.add_argument("--id-column",
+                   help="directory output: Parquet/dataset ids column to pass through "
+                   "(.npy shards take ids from <stem>.ids.txt beside them)")
+  app.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="rows per device call")
+  app.add_argument("--quiet", action="store_true", help="no progress bar")
 
   ev = sub.add_parser("eval", help="compare raw truncation, PCA and adaptors per dim",
                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,20 +193,49 @@ def _cmd_fit(args):
 
 
 def _cmd_apply(args):
+  import glob
+
   import adaptor
+  from adaptor import stream
   from adaptor.data import InputError, atomic_file
 
   out = os.fspath(args.output)
+  inputs = args.input
+  if out.endswith((".npz", ".parquet", ".txt", ".json")):
+    raise InputError(f"--output must be a .npy file or a directory, got {out}")
   if not out.endswith(".npy"):
-    raise InputError(f"--output must end in .npy, got {out!r}")
+    # A directory output: stream the inputs into resumable shards.
+    model = adaptor.load(args.checkpoint)
+    shard_rows = stream.DEFAULT_SHARD_ROWS if args.shard_rows is None else args.shard_rows
+    m = stream.apply_files(
+        model, inputs, out, dim=args.dim, dtype=args.dtype, output_format=args.format or "npy",
+        column=args.column, id_column=args.id_column, shard_rows=shard_rows,
+        batch_size=args.batch_size, overwrite=args.overwrite, quiet=args.quiet)
+    cfg = m["config"]
+    print(f"wrote {m['rows']} x {cfg['dim']} {cfg['dtype']} vectors in {m['n_shards']} "
+          f"{cfg['format']} shards to {out} (manifest: {os.path.join(out, stream.MANIFEST)})")
+    return
+
+  # One .npy output: the input is adapted in memory.
+  several = (len(inputs) > 1 or glob.has_magic(inputs[0])
+             or (os.path.isdir(inputs[0]) and not stream._is_dataset_dir(inputs[0])))
+  if several:
+    raise InputError(f"--input {' '.join(inputs)} names several files; stream them into a "
+                     f"directory (--output DIR), not into one file --output {out}")
+  for flag, value in (("--format", args.format), ("--shard-rows", args.shard_rows),
+                      ("--id-column", args.id_column)):
+    if value is not None:
+      raise InputError(f"{flag} applies to a directory output, got --output {out}")
+  inp = inputs[0]
   if os.path.exists(out) and not args.overwrite:
     raise InputError(f"--output {out} exists; pass --overwrite to replace it")
   model = adaptor.load(args.checkpoint)
-  emb = adaptor.load_embeddings(args.input, column=args.column, name="--input")
+  emb = adaptor.load_embeddings(inp, column=args.column, name="--input")
   if emb.vectors.shape[1] != model.d_in:
-    raise InputError(f"--input {args.input}: adaptor {args.checkpoint} expects d={model.d_in}, "
+    raise InputError(f"--input {inp}: adaptor {args.checkpoint} expects d={model.d_in}, "
                      f"got d={emb.vectors.shape[1]}")
-  vectors = model.apply(emb.vectors, dim=args.dim, dtype=np.dtype(args.dtype))
+  vectors = model.apply(emb.vectors, dim=args.dim, dtype=np.dtype(args.dtype),
+                        batch_size=args.batch_size)
   try:
     with atomic_file(out, "wb") as f:
       np.save(f, vectors)
