@@ -33,8 +33,29 @@ _NORM_EPS = 1e-12
 # lax.top_k on CPU is a per-row partial sort several times slower per element.
 _GROUP = 32
 # Re-ranking gathers [queries, candidates, dim] vectors; query chunks are sized
-# so that one chunk holds at most this many floats (64 MiB).
-_RERANK_FLOATS = 2**24
+# so that one chunk holds at most this many floats (4 MiB): gathered rows that
+# stay in cache are scored 2-3x faster than a 64 MiB chunk (measured on CPU).
+_RERANK_FLOATS = 2**20
+
+
+def default_sizes(dim: int, n_docs: int, n_queries: int, *, block_size: int | None = None,
+                  query_batch: int | None = None) -> tuple[int, int]:
+  """(block_size, query_batch) for scoring `dim`-prefixes; given values are kept.
+
+  Measured on 2-core x86 CPUs, single-threaded, 1M x 768 corpus: up to 256
+  dims a score tile must stay in the L2 cache (256 queries x 1024 documents =
+  1 MiB), which makes 16- and 64-dim search 2-3x faster than 16384-document
+  blocks; beyond that the matmul dominates and 1024 queries per corpus pass
+  halve how often each document block is read (1.1-1.4x faster at 384-768).
+  Both are clipped to the corpus and query counts.
+  """
+  if block_size is None:
+    block_size = 1024 if dim <= 256 else 4096
+  if query_batch is None:
+    query_batch = 256 if dim <= 256 else 1024
+  block_size = min(_check_positive(block_size, "block_size"), n_docs)
+  query_batch = min(_check_positive(query_batch, "query_batch"), n_queries)
+  return block_size, query_batch
 
 
 def check_dim(dim, full: int, *, name: str = "dim") -> int:
@@ -317,8 +338,8 @@ def search(
     k: int,
     *,
     dim: int | None = None,
-    block_size: int = 16384,
-    query_batch: int = 256,
+    block_size: int | None = None,
+    query_batch: int | None = None,
     normalize: bool = True,
     inv_norms=None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -330,9 +351,10 @@ def search(
       kept at full size; only the first `dim` columns of each block are read.
     k: number of results per query, in [1, n_docs].
     dim: prefix length used for scoring; None means all d coordinates.
-    block_size: corpus rows scored at a time; bounds memory.
+    block_size: corpus rows scored at a time; bounds memory (default: by dim,
+      see `default_sizes`).
     query_batch: queries scored at a time; the last batch is padded so that
-      every call reuses one compiled program.
+      every call reuses one compiled program (default: by dim).
     normalize: re-normalise each prefix (cosine); False scores raw prefixes.
     inv_norms: optional precomputed `prefix_inv_norms(corpus, dim)`, with
       shape [n_docs]; computed here (one pass over the corpus) when omitted.
@@ -345,8 +367,8 @@ def search(
   n_docs, full = corpus.shape
   dim = full if dim is None else check_dim(dim, full)
   k = _check_k(k, n_docs)
-  block_size = min(_check_positive(block_size, "block_size"), n_docs)
-  query_batch = min(_check_positive(query_batch, "query_batch"), queries.shape[0])
+  block_size, query_batch = default_sizes(dim, n_docs, queries.shape[0], block_size=block_size,
+                                          query_batch=query_batch)
   scale = None
   if normalize:
     scale = prefix_inv_norms(corpus, dim) if inv_norms is None else inv_norms
@@ -363,8 +385,9 @@ def search(
   return np.concatenate(out_s), np.concatenate(out_i)
 
 
-def exact_search(queries, corpus, k: int, *, dim: int | None = None, block_size: int = 16384,
-                 query_batch: int = 256, normalize: bool = True,
+def exact_search(queries, corpus, k: int, *, dim: int | None = None,
+                 block_size: int | None = None, query_batch: int | None = None,
+                 normalize: bool = True,
                  inv_norms=None) -> tuple[np.ndarray, np.ndarray]:
   """The same as `search` (its earlier name, kept for callers)."""
   return search(queries, corpus, k, dim=dim, block_size=block_size, query_batch=query_batch,
@@ -473,8 +496,8 @@ def funnel_search(
     *,
     k: int | None = None,
     inv_norms: dict | None = None,
-    block_size: int = 16384,
-    query_batch: int = 256,
+    block_size: int | None = None,
+    query_batch: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Adaptive retrieval: shortlist with a short prefix, re-rank with longer ones.
 
@@ -491,8 +514,9 @@ def funnel_search(
     k: results per query (default: the last stage's keep, which must be >= k).
     inv_norms: optional {dim: prefix_inv_norms(corpus, dim)} for the
       schedule's dims, each with shape [n_docs]; missing ones are computed.
-    block_size: corpus rows scored at a time in the first stage.
-    query_batch: queries processed at a time.
+    block_size: corpus rows scored at a time in the first stage (default:
+      by the first stage's dim, see `default_sizes`).
+    query_batch: queries processed at a time (default: by the first stage's dim).
 
   Returns:
     (scores, indices), each with shape [n_queries, k], best first, scored at
@@ -502,8 +526,8 @@ def funnel_search(
   n_docs, full = corpus.shape
   schedule = check_schedule(schedule, full, n_docs=n_docs, k=k)
   k = schedule[-1][1] if k is None else _check_k(k, n_docs)
-  block_size = min(_check_positive(block_size, "block_size"), n_docs)
-  query_batch = min(_check_positive(query_batch, "query_batch"), queries.shape[0])
+  block_size, query_batch = default_sizes(schedule[0][0], n_docs, queries.shape[0],
+                                          block_size=block_size, query_batch=query_batch)
   inv_norms = dict(inv_norms or {})
   scales = []
   for m, _ in schedule:
