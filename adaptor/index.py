@@ -361,6 +361,8 @@ class MatryoshkaIndex:
         with (same fingerprint), else InputError. By default the stored one.
     """
     directory = Path(directory).absolute()
+    if not directory.is_dir():  # A save killed between its two renames left the old one aside.
+      directory = checkpoint._recover_moved_aside(directory) or directory
     if not (directory / _MARKER).is_file():
       raise InputError(f"{directory}: expected a complete index with a {_MARKER} marker, found "
                        "none (an interrupted save, or not an index)")

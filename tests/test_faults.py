@@ -197,3 +197,63 @@ def test_adaptor_save_killed_at_a_random_moment_leaves_a_loadable_checkpoint(tmp
   model.module.base.bias.set_value(np.full((8,), -1.0, np.float32))
   model.save(path)
   assert (np.asarray(adaptor.load(path).module.base.bias.get_value()) == -1.0).all()
+
+
+INDEX_SAVE_LOOP = """
+import sys
+import numpy as np
+from adaptor.index import MatryoshkaIndex
+
+rng = np.random.default_rng(0)
+vectors = rng.normal(size=(2000, 32)).astype(np.float32)
+i = 0
+while True:
+  # Version i is readable from the ids; vectors and norms change with it too.
+  index = MatryoshkaIndex.build(vectors + i, ids=[f"v{i}-{j}" for j in range(2000)], dims=(8, 32))
+  index.save(sys.argv[1])
+  print(i, flush=True)
+  i += 1
+"""
+
+
+def test_index_save_killed_at_a_random_moment_leaves_the_previous_index_loadable(tmp_path, env):
+  from adaptor.index import MatryoshkaIndex
+
+  root = tmp_path / "indexes"
+  path = root / "ix"
+  seed = _kill_seed()
+  log = open(tmp_path / "index-saver.log", "w+")
+  proc = subprocess.Popen([sys.executable, "-c", INDEX_SAVE_LOOP, str(path)], env=env,
+                          stdout=subprocess.PIPE, stderr=log, text=True)
+  try:
+    stamps = []
+    for _ in range(3):
+      line = proc.stdout.readline()
+      if not line:
+        log.seek(0)
+        raise AssertionError(f"the saving process died: {log.read()}")
+      stamps.append(time.monotonic())
+    period = stamps[2] - stamps[1]
+    time.sleep(np.random.default_rng(seed).uniform(0, 2 * period))
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    _reap(proc, log)
+  rest = proc.stdout.read().split()
+  last = int(rest[-1]) if rest else 2
+
+  index = MatryoshkaIndex.load(path)  # Moves the old index back if killed between renames.
+  version = int(index.ids[0].split("-")[0][1:])
+  assert version in (last, last + 1), (seed, last, version)
+  rng = np.random.default_rng(0)
+  want = rng.normal(size=(2000, 32)).astype(np.float32) + version
+  want /= np.linalg.norm(want, axis=1, keepdims=True)
+  np.testing.assert_allclose(index.vectors, want, rtol=1e-6, atol=1e-6, err_msg=f"seed {seed}")
+  assert index.ids == [f"v{version}-{j}" for j in range(2000)]
+  # Leftovers of the killed save are never taken for an index unless complete.
+  for p in root.iterdir():
+    if p.name != "ix" and not (p / "COMPLETE").is_file():
+      with pytest.raises(adaptor.InputError, match="expected a complete index"):
+        MatryoshkaIndex.load(p)
+  # And the next save goes through.
+  index.save(path)
+  assert MatryoshkaIndex.load(path).ids == index.ids
