@@ -4,6 +4,9 @@
     model = adaptor.fit(corpus_embeddings, dims=(16, 32, 64, 128), seed=0)
     vectors = model.apply(embeddings, dim=64)            # [n, 64], unit norm
     model.save("checkpoints/scifact"); model = adaptor.load("checkpoints/scifact")
+    adaptor.apply_files(model, "embeddings/*.npy", "adapted/", dim=64, dtype="float16")
+
+The Apache Beam pipeline lives in `adaptor.beam` (extra `beam`), imported on demand.
 """
 
 __version__ = "0.1.0"
@@ -15,4 +18,5 @@ from adaptor.metrics import evaluate, evaluate_topk
 from adaptor.model import AdaptorConfig, MatryoshkaAdaptor, default_dims
 from adaptor.index import MatryoshkaIndex, Plan, plan_schedule
 from adaptor.search import exact_search, funnel_search, l2_normalize, prefix_inv_norms, search, truncate
+from adaptor.stream import apply_files, read_shards
 from adaptor.train import LossWeights, TrainConfig, fit
