@@ -154,16 +154,27 @@ def _fit_to_target(nested: dict, target, where: Path):
 # ---------------------------------------------------------------- disk
 
 
+def _checkpointer() -> ocp.Checkpointer:
+  # Each save or load here is one process's own business (`save` makes it
+  # atomic with renames), so orbax must neither wait at barriers for the other
+  # processes of a multi-host run nor leave the writing to process 0: this
+  # process is the only one taking part. (No change with a single process.)
+  me = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                          active_processes={jax.process_index()})
+  return ocp.Checkpointer(ocp.StandardCheckpointHandler(multiprocessing_options=me),
+                          multiprocessing_options=me)
+
+
 def _write_params(path: Path, nested: dict) -> None:
   # The synchronous Checkpointer returns only once everything is on disk, so
   # no background save can still be running when the directory is renamed.
-  with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+  with _checkpointer() as ckptr:
     ckptr.save(path, args=ocp.args.StandardSave(nested))
 
 
 def _read_params(path: Path) -> dict:
   try:
-    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+    with _checkpointer() as ckptr:
       restored = ckptr.restore(path, args=ocp.args.StandardRestore())
   except (ValueError, OSError, KeyError) as e:
     # Orbax/tensorstore errors for a missing or truncated file are long and

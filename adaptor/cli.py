@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
   fit.add_argument("--resume-dir", help="where training state is kept to resume an interrupted "
                    "fit (default: <out>.train)")
   fit.add_argument("--quiet", action="store_true", help="no progress bar")
+  fit.add_argument("--distributed", action="store_true",
+                   help="multi-host: call jax.distributed.initialize() first and run the same "
+                   "command on every host (auto-configured on Cloud TPU, SLURM, Open MPI and "
+                   "Kubernetes; elsewhere give --coordinator, --num-processes, --process-id)")
+  fit.add_argument("--coordinator", help="HOST:PORT of process 0 (with --distributed)")
+  fit.add_argument("--num-processes", type=int, help="number of processes (with --distributed)")
+  fit.add_argument("--process-id", type=int, help="this process's id (with --distributed)")
 
   from adaptor.stream import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_ROWS
   app = sub.add_parser(
@@ -165,7 +172,12 @@ def _load_inputs(args, split):
 
 
 def _cmd_fit(args):
+  import jax
+
   import adaptor
+
+  if args.distributed:  # Before anything else touches jax's devices.
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
   corpus, corpus_ids, queries, query_ids, qrels = _load_inputs(args, args.split)
   overrides = {k: v for k, v in {
@@ -185,6 +197,8 @@ def _cmd_fit(args):
       query_ids=query_ids if args.supervised else None,
       corpus_ids=corpus_ids if args.supervised else None,
       seed=args.seed, checkpoint_dir=resume, quiet=args.quiet, **overrides)
+  if jax.process_index() != 0:  # Every process holds the same adaptor; process 0 writes it.
+    return
   model.save(args.out)
   shutil.rmtree(resume, ignore_errors=True)  # The fit is complete; its resume state is not needed.
   stages = {k: {"steps": v["steps"], "best_val": round(v["best_val"], 4)}

@@ -20,12 +20,24 @@ reconstruction term, and a listwise rank-distillation loss (see `losses`).
 Supervised batches add `query_batch` judged queries, each with its judged
 documents and `hard_negatives` documents drawn from the frozen model's own top
 results, scored with a pairwise ranking loss at every prefix.
+
+Devices: training is data parallel over a one-axis `Mesh` ("data") of all
+devices (`jax.devices()`: every local GPU/TPU, and every host's after
+`jax.distributed.initialize()`). Parameters, optimizer state and the data tables
+(at most `max_rows` documents) are replicated; each step still draws its whole
+batch from `fold_in(stage_key, step)`, and only then splits the batch's rows
+across devices, so XLA sums the gradients and every device count draws the same
+batches and follows the same loss curve (up to float summation order). With
+several processes every host must pass the same inputs (checked), and only
+process 0 shows progress and reads and writes the training checkpoints.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import time
 
 import jax
@@ -33,6 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from adaptor import losses
@@ -193,12 +207,21 @@ def _draw_unsupervised(key, data, config: TrainConfig, anchor_pool):
   return anchor_rows, neighbour_docs, random_docs
 
 
-def _unsupervised_loss(model, data, batch, config: TrainConfig, dims):
+def _split_rows(x, sharding):
+  """`x` with its first axis split across devices by `sharding` (unchanged if None)."""
+  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _unsupervised_loss(model, data, batch, config: TrainConfig, dims, sharding=None):
   anchor_rows, neighbour_docs, random_docs = batch
   w = config.weights
   b, per = neighbour_docs.shape
+  # The batch was drawn whole (the same on every device count); from here on its
+  # anchors and candidates are split across devices, so each device runs the
+  # model on its share of the rows.
+  anchor_rows = _split_rows(anchor_rows, sharding)
   a_full = data["anchors"][anchor_rows]
-  cand_ids = jnp.concatenate([neighbour_docs.reshape(-1), random_docs])
+  cand_ids = _split_rows(jnp.concatenate([neighbour_docs.reshape(-1), random_docs]), sharding)
   c_full = data["docs"][cand_ids]
   a_out = model(a_full)
   c_out = model(c_full)
@@ -241,11 +264,12 @@ def _draw_supervised(key, data, config: TrainConfig):
   return rows, negatives
 
 
-def _supervised_loss(model, data, batch, config: TrainConfig, dims):
+def _supervised_loss(model, data, batch, config: TrainConfig, dims, sharding=None):
   rows, negatives = batch
+  rows, negatives = _split_rows(rows, sharding), _split_rows(negatives, sharding)
   q_out = model(data["sup_queries"][rows])
   pos = data["sup_positives"][rows]  # [qb, P], -1 = padding
-  cand = jnp.concatenate([jnp.maximum(pos, 0), negatives], axis=1)
+  cand = _split_rows(jnp.concatenate([jnp.maximum(pos, 0), negatives], axis=1), sharding)
   rel = jnp.concatenate([data["sup_grades"][rows], jnp.zeros_like(negatives)], axis=1)
   mask = jnp.concatenate([pos >= 0, jnp.ones_like(negatives, bool)], axis=1)
   d_out = model(data["docs"][cand.reshape(-1)]).reshape(cand.shape + (-1,))
@@ -253,8 +277,10 @@ def _supervised_loss(model, data, batch, config: TrainConfig, dims):
                              weights=config.dim_weights, mask=mask)
 
 
-def _make_step(graphdef, optimizer, loss_fn):
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
+def _make_step(graphdef, optimizer, loss_fn, replicated):
+  # Fixing the outputs' sharding keeps the updated state replicated like its
+  # inputs (so donation reuses their buffers) whatever XLA's propagation prefers.
+  @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=replicated)
   def step(params, opt_state, data, key):
     def objective(p):
       return loss_fn(nnx.merge(graphdef, p), data, key)
@@ -264,6 +290,93 @@ def _make_step(graphdef, optimizer, loss_fn):
     return optax.apply_updates(params, updates), opt_state, loss, terms
 
   return step
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def _mesh(devices) -> Mesh:
+  """A one-axis ("data") mesh over `devices` (default: all devices of all processes)."""
+  devices = jax.devices() if devices is None else list(devices)
+  if not devices or not all(isinstance(d, jax.Device) for d in devices):
+    raise ValueError(f"devices must be a non-empty sequence of jax.Device, got {devices!r}")
+  if len(set(devices)) != len(devices):
+    raise ValueError(f"devices must not repeat a device, got {devices}")
+  return Mesh(np.asarray(devices), ("data",))
+
+
+def _put(tree, sharding):
+  """Device arrays with `sharding` holding `tree`'s values (host or device arrays).
+
+  Each process supplies its own devices' shards from its own copy, so this needs
+  no communication, also when `sharding` spans several hosts.
+  """
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(put, tree)
+
+
+def _local(tree):
+  """This process's copy of each replicated array, on its first device of the mesh.
+
+  Validation and the returned adaptor run on one device: host-side code
+  (`apply_adaptor`, `exact_search`) then never sees an array that spans hosts.
+  """
+  return jax.tree.map(lambda x: x.addressable_data(0), tree)
+
+
+def _from_process_0(tree):
+  """Process 0's values of a pytree of host arrays (same shapes on every process)."""
+  if jax.process_count() == 1:
+    return tree
+  return multihost_utils.broadcast_one_to_all(tree)
+
+
+def _check_same_inputs(arrays: dict) -> None:
+  """Raises InputError unless every process holds the same `arrays` (a dict of host arrays)."""
+  if jax.process_count() == 1:
+    return
+  digest = hashlib.sha256()
+  for name in sorted(arrays):
+    digest.update(name.encode())
+    digest.update(np.ascontiguousarray(arrays[name]).tobytes())
+  local = np.frombuffer(digest.digest(), np.uint32)
+  every = np.asarray(multihost_utils.process_allgather(local))  # [processes, 8]
+  differ = [i for i in range(every.shape[0]) if not np.array_equal(every[i], every[0])]
+  if differ:
+    raise InputError(
+        f"fit inputs differ between processes: processes {differ} hold other data than process 0 "
+        f"(compared: {sorted(arrays)}); every host must pass the same corpus, queries, qrels, "
+        "ids and config")
+
+
+def _restore(checkpoints, state):
+  """`(step, state, meta)` of the latest training checkpoint, or None when there is none.
+
+  With several processes only process 0 reads checkpoints (it alone writes
+  them), and sends what it found to the others, so hosts need not share a file
+  system and cannot resume from different steps.
+  """
+  if jax.process_count() == 1:
+    if checkpoints is None or checkpoints.latest() is None:
+      return None
+    return checkpoints.restore(state)
+  host_state = jax.tree.map(np.asarray, state)
+  found = None
+  if jax.process_index() == 0 and checkpoints is not None and checkpoints.latest() is not None:
+    found = checkpoints.restore(host_state)
+  # Step and meta go as JSON bytes, whose length the others learn first (a
+  # broadcast needs the same shape everywhere); then the arrays.
+  text = np.frombuffer(json.dumps(None if found is None else [found[0], found[2]]).encode(),
+                       np.uint8)
+  size = int(_from_process_0(np.int32(text.size)))
+  text = text if jax.process_index() == 0 else np.zeros(size, np.uint8)
+  header = json.loads(bytes(np.asarray(_from_process_0(text), np.uint8)).decode())
+  if header is None:
+    return None
+  arrays = _from_process_0(found[1] if found is not None else host_state)
+  return header[0], jax.tree.map(lambda x, like: _put(x, like.sharding), arrays, state), header[1]
 
 
 # --------------------------------------------------------------------------- stages
@@ -279,19 +392,20 @@ def _run_stage(name, *, steps, step_fn, evaluate, params, opt_state, data, key, 
            "best_score": jnp.asarray(-jnp.inf if higher_is_better else jnp.inf, jnp.float32),
            "bad_evals": jnp.asarray(0, jnp.int32)}
   start, done, history, kept_step = 0, False, [], 0
-  if checkpoints is not None and checkpoints.latest() is not None:
-    start, state, meta = checkpoints.restore(state)
+  restored = _restore(checkpoints, state)
+  if restored is not None:
+    start, state, meta = restored
     done = meta.get("done", False)
     history, kept_step = meta.get("history", []), meta.get("kept_step", start)
   sign = 1.0 if higher_is_better else -1.0
   if start == 0:
     # The starting point (PCA, or the previous stage's best) is a candidate too,
     # so a stage never returns something worse than what it was given.
-    score = evaluate(params)
+    score = _agreed_score(evaluate(params))
     history.append({"step": 0, "loss": None, "val": score})
     state["best_score"] = jnp.asarray(score, jnp.float32)
-  bar = tqdm(total=steps, initial=start, desc=name, disable=quiet or done, unit="step",
-             dynamic_ncols=True, leave=not quiet)
+  bar = tqdm(total=steps, initial=start, desc=name, unit="step", dynamic_ncols=True,
+             disable=quiet or done or jax.process_index() != 0, leave=not quiet)
   loss = float("nan")
   step = start
   while not done and step < steps:
@@ -302,7 +416,7 @@ def _run_stage(name, *, steps, step_fn, evaluate, params, opt_state, data, key, 
     bar.update(1)
     if step % config.eval_every == 0 or step == steps:
       loss = float(loss_arr)
-      score = evaluate(state["params"])
+      score = _agreed_score(evaluate(state["params"]))
       history.append({"step": step, "loss": loss, "val": score})
       # A few hundred validation queries give a noisy score, so the stage keeps
       # the latest parameters that score within `val_tolerance` of the best
@@ -326,6 +440,19 @@ def _run_stage(name, *, steps, step_fn, evaluate, params, opt_state, data, key, 
   summary = {"steps": step, "best_val": float(state["best_score"]), "kept_step": kept_step,
              "history": history}
   return state["best"], summary
+
+
+def _agreed_score(score) -> float:
+  """Process 0's validation score, as a float.
+
+  Every process must take the same early-stopping decisions, even where a
+  host-side metric (nDCG on each host's copy) could differ in its last bits.
+  """
+  if jax.process_count() == 1:
+    return float(score)
+  # Sent as the float64's two 32-bit halves: jax (without x64) would round a float64.
+  bits = np.frombuffer(np.float64(score).tobytes(), np.uint32)
+  return float(np.asarray(_from_process_0(bits), np.uint32).view(np.float64)[0])
 
 
 def _neighbour_table(anchors, docs, k, own_doc):
@@ -353,7 +480,7 @@ _VAL_BATCHES = 8
 
 def _retrieval_eval(graphdef, docs, queries, query_ids, doc_ids, qrels, dim):
   def evaluate(params):
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, _local(params))
     d = apply_adaptor(model, docs, dim=dim)
     q = apply_adaptor(model, queries, dim=dim)
     scores, idx = exact_search(q, d, min(10, d.shape[0]))
@@ -373,6 +500,7 @@ def fit(
     seed: int | None = None,
     checkpoint_dir=None,
     quiet: bool = False,
+    devices=None,
     **overrides,
 ):
   """Fits a Matryoshka-Adaptor on cached embeddings.
@@ -392,11 +520,20 @@ def fit(
     config: a TrainConfig; keyword `overrides` replace its fields.
     seed: shorthand for config.seed.
     checkpoint_dir: if given, training state is checkpointed there and an
-      interrupted fit with the same arguments resumes from it.
+      interrupted fit with the same arguments resumes from it. With several
+      processes only process 0 writes (and reads) it.
     quiet: no progress bar.
+    devices: the devices to train on, data parallel (default: `jax.devices()`,
+      i.e. all local accelerators, and those of every host after
+      `jax.distributed.initialize()`). Any count gives the same batches and,
+      up to float summation order, the same adaptor; the batch rows are split
+      evenly when `batch_size` and `query_batch` are multiples of the count
+      (otherwise XLA pads the last device's share). With several processes,
+      every process must call `fit` with the same inputs and arguments.
 
   Returns:
-    A fitted `adaptor.Adaptor`.
+    A fitted `adaptor.Adaptor`, on this process's first device of `devices`;
+    `info["devices"]` and `info["processes"]` record what trained it.
   """
   from adaptor.api import Adaptor  # Deferred: api imports this module.
 
@@ -408,6 +545,9 @@ def fit(
   if overrides:
     config = dataclasses.replace(config, **overrides)
   _check_positive(config)
+  mesh = _mesh(devices)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  batch_rows = NamedSharding(mesh, PartitionSpec("data"))
   corpus = check_embeddings(corpus, name="corpus")
   d_in = corpus.shape[1]
   d_out = config.d_out or d_in
@@ -474,25 +614,39 @@ def fit(
   else:
     q_pool = (None, None)
 
-  data = {
-      "docs": jnp.asarray(docs),
-      "anchors": jnp.asarray(anchors),
-      "anchor_doc": jnp.asarray(anchor_doc, jnp.int32),
-      "neighbours": jnp.asarray(neighbours, jnp.int32),
+  host_data = {
+      "docs": docs,
+      "anchors": anchors,
+      "anchor_doc": anchor_doc.astype(np.int32),
+      "neighbours": neighbours.astype(np.int32),
   }
+  # Hosts holding different inputs would each compute a different "replicated"
+  # value, silently; the check costs one hash of the tables per fit.
+  _check_same_inputs({**host_data, "config": np.frombuffer(
+      json.dumps(config.to_dict(), sort_keys=True).encode(), np.uint8)})
+  # The tables are small (at most max_rows documents) and every device gathers
+  # its batch rows from them, so each device holds a full copy.
+  data = _put(host_data, replicated)
   graphdef, params = nnx.split(model, nnx.Param)
+  # Process 0's initial parameters (the PCA start is computed on each host, and
+  # hosts with other BLAS builds could differ in the last bits).
+  params = _put(_from_process_0(jax.tree.map(np.asarray, params)), replicated)
   optimizer = optax.adam(config.learning_rate)
   info = {"neighbour_seconds": time.time() - t0, "n_docs": len(docs),
-          "n_query_anchors": 0 if anchor_queries is None else len(anchor_queries)}
+          "n_query_anchors": 0 if anchor_queries is None else len(anchor_queries),
+          "devices": mesh.size, "processes": jax.process_count()}
 
   def checkpoints(stage):
-    return None if checkpoint_dir is None else TrainCheckpointer(f"{checkpoint_dir}/{stage}")
+    # Process 0 alone writes checkpoints; `_restore` sends their contents to the others.
+    if checkpoint_dir is None or jax.process_index() != 0:
+      return None
+    return TrainCheckpointer(f"{checkpoint_dir}/{stage}")
 
   train_pool = (jnp.asarray(doc_tr), None if q_pool[0] is None else jnp.asarray(q_pool[0]))
 
   def unsup_loss(model_, data_, key_):
     batch = _draw_unsupervised(key_, data_, config, train_pool)
-    return _unsupervised_loss(model_, data_, batch, config, dims)
+    return _unsupervised_loss(model_, data_, batch, config, dims, batch_rows)
 
   if supervised:
     val_eval = _retrieval_eval(
@@ -515,17 +669,17 @@ def fit(
       total = 0.0
       for vk in val_keys:
         batch = _draw_unsupervised(vk, data_, config, val_pool)
-        total += _unsupervised_loss(model_, data_, batch, config, dims)[0]
+        total += _unsupervised_loss(model_, data_, batch, config, dims, batch_rows)[0]
       return total / len(val_keys)
 
     val_eval = lambda p: float(_val_loss(p, data))
     higher = False
 
   stages = {}
-  step_fn = _make_step(graphdef, optimizer, unsup_loss)
+  step_fn = _make_step(graphdef, optimizer, unsup_loss, replicated)
   params, stages["unsupervised"] = _run_stage(
       "unsupervised", steps=config.steps, step_fn=step_fn, evaluate=val_eval, params=params,
-      opt_state=optimizer.init(params), data=data, key=k_unsup, config=config,
+      opt_state=_put(optimizer.init(params), replicated), data=data, key=k_unsup, config=config,
       checkpoints=checkpoints("unsupervised"), higher_is_better=higher, quiet=quiet)
 
   if supervised and config.supervised_steps:
@@ -533,23 +687,27 @@ def fit(
                                    config.max_positives)
     sup_q = np.asarray(queries[sup_train], np.float32)
     negatives = _hard_negatives(sup_q, docs, pos, config.negatives_from)
-    data = {**data, "sup_queries": jnp.asarray(sup_q), "sup_positives": jnp.asarray(pos),
-            "sup_grades": jnp.asarray(grades), "sup_negatives": jnp.asarray(negatives)}
+    host_sup = {"sup_queries": sup_q, "sup_positives": pos, "sup_grades": grades,
+                "sup_negatives": negatives}
+    _check_same_inputs(host_sup)
+    data = {**data, **_put(host_sup, replicated)}
 
     def sup_loss(model_, data_, key_):
       k1, k2 = jax.random.split(key_)
       unsup, terms = _unsupervised_loss(
-          model_, data_, _draw_unsupervised(k1, data_, config, train_pool), config, dims)
-      ranking = _supervised_loss(model_, data_, _draw_supervised(k2, data_, config), config, dims)
+          model_, data_, _draw_unsupervised(k1, data_, config, train_pool), config, dims,
+          batch_rows)
+      ranking = _supervised_loss(model_, data_, _draw_supervised(k2, data_, config), config, dims,
+                                 batch_rows)
       return unsup + config.weights.ranking * ranking, {**terms, "ranking": ranking}
 
-    step_fn = _make_step(graphdef, optimizer, sup_loss)
+    step_fn = _make_step(graphdef, optimizer, sup_loss, replicated)
     params, stages["supervised"] = _run_stage(
         "supervised", steps=config.supervised_steps, step_fn=step_fn, evaluate=val_eval,
-        params=params, opt_state=optimizer.init(params), data=data, key=k_sup, config=config,
-        checkpoints=checkpoints("supervised"), higher_is_better=True, quiet=quiet)
+        params=params, opt_state=_put(optimizer.init(params), replicated), data=data, key=k_sup,
+        config=config, checkpoints=checkpoints("supervised"), higher_is_better=True, quiet=quiet)
 
-  nnx.update(model, params)
+  nnx.update(model, _local(params))
   info.update({
       "supervised": supervised,
       "stages": stages,
