@@ -368,6 +368,7 @@ def main(argv=None):
   parser.add_argument("--gpu", action="store_true",
                       help="one more speed run with JAX on the GPU (FAISS stays on the CPU)")
   parser.add_argument("--repeats", type=int, help="timed repeats per measurement")
+  parser.add_argument("--threads", help="CPU thread settings to time, in order: 1,all (default)")
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   parser.add_argument("--payload", help=argparse.SUPPRESS)
   parser.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -393,8 +394,12 @@ def main(argv=None):
     unknown = set(cfg.parts) - {"quality", "speed", "memory"}
     if unknown:
       parser.error(f"--parts takes quality, speed and memory, got {sorted(unknown)}")
-  if args.gpu:
-    cfg.platforms = ("cpu", "gpu")
+  if args.gpu:  # First: the GPU run is the shortest.
+    cfg.platforms = ("gpu", "cpu")
+  if args.threads:
+    cfg.threads = tuple(t.strip() for t in args.threads.split(",") if t.strip())
+    if set(cfg.threads) - {"1", "all"}:
+      parser.error(f"--threads takes 1 and all, got {args.threads!r}")
   if args.repeats:
     cfg.repeats = args.repeats
   from adaptor.evaluation import write_json
