@@ -17,6 +17,7 @@ from adaptor.data import Embeddings, InputError, load_beir, load_embeddings, loa
 from adaptor.metrics import evaluate, evaluate_topk
 from adaptor.model import AdaptorConfig, MatryoshkaAdaptor, default_dims
 from adaptor.index import MatryoshkaIndex, Plan, plan_schedule
+from adaptor.budget import BudgetPlan, Grid, plan_budget
 from adaptor.search import exact_search, funnel_search, l2_normalize, prefix_inv_norms, search, truncate
 from adaptor.stream import apply_files, read_shards
 from adaptor.train import LossWeights, TrainConfig, fit

@@ -6,6 +6,12 @@
     plan = plan_schedule(index, validation_query_embeddings)   # cheapest funnel at recall 0.99
     index.save("indexes/scifact"); index = MatryoshkaIndex.load("indexes/scifact")
 
+    # Quantised stores (adaptor/quant.py) and mixed-precision funnels:
+    index = MatryoshkaIndex.build(corpus_embeddings, adaptor=model, stores={"binary": 768, "int8": 256})
+    scores, ids = index.search(query_embeddings, 10, dim=512, precision="binary")
+    scores, ids = index.search(query_embeddings, 10,
+                               schedule=[(256, 400, "binary"), (256, 40, "int8"), (768, 10)])
+
 Raw embeddings of the frozen model go in, for documents and queries alike: the
 index applies its adaptor (if any) to both, so they always match. Vectors are
 stored once, at full size, L2-normalised, in float32 or float16, in a 4 KiB
@@ -19,11 +25,21 @@ On disk an index is a directory
   vectors.npy    [n, d] float32/float16
   inv_norms.npy  [len(dims), n] float32, one row per stored prefix
   ids.json       the n document ids
+  store-binary-M-bits.npy         [n, M / 8] uint8, for each binary store (optional)
+  store-int8-M-codes.npy          [n, M] int8, for each int8 store (optional)
+  store-int8-M-calibration.npy    [2, M] float32: offsets, scales
   adaptor/       the adaptor checkpoint, if the index has one
   COMPLETE       an empty marker, written last
 
 written in a sibling temporary directory and renamed into place, so a crash
 mid-save leaves the previous index intact.
+
+index.json lists the stores ("stores": [{"precision", "dims", "files"}]) and
+an optional default funnel ("schedule", e.g. from `matryoshka-adaptor plan`,
+used by `search` when no dim, precision or schedule is given). Both keys are
+optional, so indexes written before stores existed load unchanged, and the
+format version stays 1: a reader that ignores them still searches the float
+vectors correctly.
 """
 
 from __future__ import annotations
@@ -38,10 +54,11 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import adaptor
-from adaptor import checkpoint, search as search_lib
+from adaptor import checkpoint, quant, search as search_lib
 from adaptor.data import InputError, atomic_file, check_embeddings, _as_id_list, _check_ids
 
 FORMAT_VERSION = 1
@@ -54,19 +71,7 @@ _MARKER = "COMPLETE"
 _PRECISIONS = {"float32": np.float32, "float16": np.float16}
 # Rows adapted, normalised and copied at a time when building or adding.
 _BUILD_ROWS = 65536
-_ALIGN = 4096
-
-
-def _aligned_empty(shape, dtype) -> np.ndarray:
-  """An uninitialised array whose data starts on a 4 KiB boundary.
-
-  jax.device_put aliases such a buffer on CPU instead of copying it, so the
-  index holds one copy of its vectors, not two.
-  """
-  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-  raw = np.empty(nbytes + _ALIGN, np.uint8)
-  offset = (-raw.ctypes.data) % _ALIGN
-  return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+_aligned_empty = quant.aligned_empty
 
 
 def _adaptor_fingerprint(model) -> str:
@@ -99,16 +104,23 @@ class MatryoshkaIndex:
     adaptor: the `Adaptor` applied to documents and queries, or None.
     precision: "float32" or "float16".
     d_in: the size of the raw embeddings it accepts (adaptor.d_in, or d).
+    stores: {(precision, dims): quantised store} (see adaptor/quant.py).
+    schedule: the default funnel of `search` (checked (dim, keep, precision)
+      triples), or None for full-size exact search.
   """
 
   def __init__(self, vectors, ids, *, adaptor=None, precision="float32", inv_norms=None,
-               block_size=16384):
+               block_size=None, stores=None, schedule=None):
     self.vectors = vectors
     self.ids = ids
     self.adaptor = adaptor
     self.precision = precision
     self.block_size = block_size
     self._inv_norms = dict(inv_norms or {})
+    self._stores = dict(stores or {})
+    self.schedule = None
+    if schedule is not None:
+      self.schedule = quant.check_schedule(schedule, self.d, n_docs=self.n)
     self._row_of = None
     self._device = None
 
@@ -133,21 +145,30 @@ class MatryoshkaIndex:
 
   @property
   def nbytes(self) -> int:
-    """Bytes held by the vectors and prefix norms."""
-    return self.vectors.nbytes + sum(v.nbytes for v in self._inv_norms.values())
+    """Bytes held by the vectors, prefix norms and quantised stores."""
+    return (self.vectors.nbytes + sum(v.nbytes for v in self._inv_norms.values())
+            + sum(st.nbytes for st in self._stores.values()))
+
+  @property
+  def stores(self) -> dict:
+    """{(precision, dims): store} of the quantised stores, in (precision, dims) order."""
+    return dict(sorted(self._stores.items()))
 
   def __len__(self):
     return self.n
 
   def __repr__(self):
+    stores = "".join(f", {p}:{m}" for p, m in sorted(self._stores))
     return (f"MatryoshkaIndex(n={self.n}, d={self.d}, precision={self.precision!r}, "
-            f"adaptor={'yes' if self.adaptor is not None else 'none'}, dims={list(self.dims)})")
+            f"adaptor={'yes' if self.adaptor is not None else 'none'}, dims={list(self.dims)}"
+            f"{', stores=[' + stores[2:] + ']' if stores else ''})")
 
   # ------------------------------------------------------------ building
 
   @classmethod
   def build(cls, corpus_embeddings, *, ids=None, adaptor=None, precision: str = "float32",
-            dims=None, block_size: int = 16384) -> "MatryoshkaIndex":
+            dims=None, block_size: int | None = None, stores=None, calibration_rows: int | None = None,
+            key=None, schedule=None) -> "MatryoshkaIndex":
     """Adapts (if an adaptor is given), normalises and stores the corpus.
 
     Args:
@@ -160,7 +181,13 @@ class MatryoshkaIndex:
       dims: prefixes whose inverse norms are stored now (default: the
         adaptor's dims and powers of two from 16, plus d); others are
         computed on first use.
-      block_size: corpus rows per search block.
+      block_size: corpus rows per search block (default: by prefix length, see
+        `search.default_sizes`).
+      stores: quantised stores to add, {precision: dims} (e.g. {"binary":
+        768, "int8": 256}), or a sequence of (precision, dims) pairs or of
+        {"precision", "dims"} dicts (a plan config's "stores"); see `add_store`.
+      calibration_rows, key: int8 calibration sample (see `add_store`).
+      schedule: default funnel for `search` (see `search`), e.g. a planned one.
     """
     if precision not in _PRECISIONS:
       raise InputError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
@@ -172,11 +199,77 @@ class MatryoshkaIndex:
       raise InputError(f"{name} must have d={adaptor.d_in} (the adaptor's d_in), got {x.shape}")
     index = cls(_aligned_empty((0, adaptor.d_out if adaptor else x.shape[1]),
                                _PRECISIONS[precision]), [], adaptor=adaptor,
-                precision=precision, block_size=search_lib._check_positive(block_size, "block_size"))
+                precision=precision,
+                block_size=None if block_size is None else search_lib._check_positive(block_size, "block_size"))
+    wanted = _store_specs(stores, index.d)  # Checked before the corpus is adapted.
     index.vectors, index.ids = index._prepared(x, ids, name=name, ids_name="ids")
     for m in (_default_dims(index.d, adaptor) if dims is None else dims):
       index.prefix_inv_norms(m)
+    for p, m in wanted:
+      index.add_store(p, m, calibration_rows=calibration_rows, key=key)
+    if schedule is not None:
+      index.schedule = quant.check_schedule(schedule, index.d, n_docs=index.n)
+      index._store_for_schedule(index.schedule)
     return index
+
+  def add_store(self, precision: str, dims: int, *, calibration_rows: int | None = None,
+                key=None):
+    """Adds (or returns the existing) quantised store of the first `dims` coordinates.
+
+    Args:
+      precision: "int8" (per-dimension calibrated codes of the re-normalised
+        dims-prefix) or "binary" (packed sign bits; dims a multiple of 8).
+      dims: the prefix length stored, in [1, d]; queries may use any shorter
+        prefix of it (binary: a multiple of 8).
+      calibration_rows: int8 only: calibrate on this many rows (default all),
+        evenly spaced, or drawn with `key`; the calibration is saved and codes
+        every later `add`.
+      key: optional jax.random key for the calibration sample.
+
+    Returns:
+      the `quant.BinaryStore` or `quant.Int8Store`.
+    """
+    if precision not in quant.QUANTISED:
+      raise InputError(f"store precision must be one of {list(quant.QUANTISED)} (float32 is the "
+                       f"index's own vectors), got {precision!r}")
+    dims = quant.check_store_dims(precision, dims, self.d, name=f"{precision} store dims")
+    if (precision, dims) not in self._stores:
+      if precision == "binary":
+        store = quant.BinaryStore.build(self.vectors, dims)
+      else:
+        store = quant.Int8Store.build(self.vectors, dims, calibration_rows=calibration_rows, key=key)
+      self._stores[(precision, dims)] = store
+    return self._stores[(precision, dims)]
+
+  def store_for(self, precision: str, dim: int):
+    """The smallest store of `precision` holding the `dim`-prefix; InputError if none does."""
+    found = [m for p, m in self._stores if p == precision and m >= dim]
+    if not found:
+      have = ", ".join(f"{p} {m}" for p, m in sorted(self._stores)) or "none"
+      raise InputError(f"no {precision} store holds a {dim}-dim prefix: expected a {precision} "
+                       f"store with dims >= {dim}, the index has stores [{have}] (add one with "
+                       f"index.add_store({precision!r}, {dim}) or `index build --stores "
+                       f"{precision}:{dim}`)")
+    return self._stores[(precision, min(found))]
+
+  def _store_for_schedule(self, stages) -> None:
+    for m, _, p in stages:
+      if p != "float32":
+        self.store_for(p, m)
+
+  def _stage_data(self, precision: str, dim: int):
+    """The arrays a funnel stage reads (see quant.first_stage)."""
+    if precision == "float32":
+      return (self._corpus(), jnp.asarray(self.prefix_inv_norms(dim)))
+    return self.store_for(precision, dim).stage_data(dim)
+
+  def _view(self) -> "MatryoshkaIndex":
+    """A new index sharing this one's arrays; stores added to it are its own."""
+    view = MatryoshkaIndex(self.vectors, self.ids, adaptor=self.adaptor, precision=self.precision,
+                           inv_norms=self._inv_norms, block_size=self.block_size,
+                           stores=self._stores, schedule=self.schedule)
+    view._device, view._row_of = self._device, self._row_of
+    return view
 
   def _prepared(self, x, ids, *, name, ids_name, first_id: int = 0):
     """Existing vectors and ids with `x` (validated) adapted, normalised and appended."""
@@ -214,7 +307,9 @@ class MatryoshkaIndex:
     new_rows = vectors[old_n:]
     norms = {m: np.concatenate([v, search_lib.prefix_inv_norms(new_rows, m)])
              for m, v in self._inv_norms.items()}
-    self.vectors, self.ids, self._inv_norms = vectors, ids, norms
+    # Stores code the new rows with their saved calibration.
+    stores = {key: st.extended(new_rows) for key, st in self._stores.items()}
+    self.vectors, self.ids, self._inv_norms, self._stores = vectors, ids, norms, stores
     self._row_of = None
     self._device = None
 
@@ -263,7 +358,7 @@ class MatryoshkaIndex:
     return np.asarray(q, np.float32)
 
   def search_rows(self, query_embeddings, k: int, *, dim: int | None = None, schedule=None,
-                  query_batch: int = 256, adapted: bool = False):
+                  precision: str | None = None, query_batch: int | None = None, adapted: bool = False):
     """Like `search`, but returns corpus row numbers instead of ids.
 
     Args:
@@ -271,23 +366,43 @@ class MatryoshkaIndex:
     """
     if dim is not None and schedule is not None:
       raise ValueError(f"give dim or schedule, not both (got dim={dim}, schedule={schedule})")
+    if precision is not None and schedule is not None:
+      raise ValueError(f"give precision (with dim) or a schedule whose stages name their "
+                       f"precisions, not both (got precision={precision!r}, schedule={schedule})")
+    if precision is not None:
+      quant.check_precision(precision)
     if adapted:
       q = check_embeddings(query_embeddings, name="query_embeddings", dim=self.d)
     else:
       q = self.prepare_queries(query_embeddings)
     k = search_lib._check_k(k, self.n, what="the index size")
-    block = min(self.block_size, self.n)
+    block = self.block_size  # None: sized by dim (search.default_sizes).
+    if schedule is None and dim is None and precision is None and self.schedule is not None:
+      if self.schedule[-1][1] < k:
+        raise ValueError(f"k={k} exceeds the last keep {self.schedule[-1][1]} of the index's "
+                         f"default schedule {quant.format_schedule(self.schedule)}; pass dim= or "
+                         f"schedule= to search otherwise")
+      schedule = self.schedule
     if schedule is None:
       dim = self.d if dim is None else search_lib.check_dim(dim, self.d)
-      return search_lib.search(q, self._corpus(), k, dim=dim, block_size=block,
-                               query_batch=query_batch, inv_norms=self.prefix_inv_norms(dim))
-    schedule = search_lib.check_schedule(schedule, self.d, n_docs=self.n, k=k)
-    norms = {m: self.prefix_inv_norms(m) for m, _ in schedule}
-    return search_lib.funnel_search(q, self._corpus(), schedule, k=k, inv_norms=norms,
-                                    block_size=block, query_batch=query_batch)
+      if precision in (None, "float32"):
+        return search_lib.search(q, self._corpus(), k, dim=dim, block_size=block,
+                                 query_batch=query_batch, inv_norms=self.prefix_inv_norms(dim))
+      stages = quant.check_schedule([(dim, k, precision)], self.d, n_docs=self.n, k=k)
+    else:
+      stages = quant.check_schedule(schedule, self.d, n_docs=self.n, k=k)
+      if all(p == "float32" for _, _, p in stages):
+        pairs = tuple((m, c) for m, c, _ in stages)
+        norms = {m: self.prefix_inv_norms(m) for m, _ in pairs}
+        return search_lib.funnel_search(q, self._corpus(), pairs, k=k, inv_norms=norms,
+                                        block_size=block, query_batch=query_batch)
+    block, query_batch = search_lib.default_sizes(stages[0][0], self.n, q.shape[0], block_size=block,
+                                                  query_batch=query_batch)
+    return quant.funnel(np.asarray(q, np.float32), stages, self._stage_data, k=k,
+                        block_size=block, query_batch=query_batch)
 
   def search(self, query_embeddings, k: int, *, dim: int | None = None, schedule=None,
-             query_batch: int = 256, adapted: bool = False):
+             precision: str | None = None, query_batch: int | None = None, adapted: bool = False):
     """Top-k documents for each query, exact at one prefix or through a funnel.
 
     Args:
@@ -295,17 +410,28 @@ class MatryoshkaIndex:
         the index applies its adaptor to them.
       k: results per query, in [1, n].
       dim: prefix length for exact search (default: all d dims).
-      schedule: instead of dim, a funnel [(m1, K1), (m2, K2), ...] (see
-        `search.check_schedule`); the last keep must be >= k.
+      schedule: instead of dim, a funnel of (dim, keep) float stages or
+        (dim, keep, precision) stages, e.g. [(256, 400, "binary"),
+        (256, 40, "int8"), (768, 10)] (see `quant.check_schedule`); the last
+        keep must be >= k. Quantised stages read the index's stores.
+      precision: with dim, exact search over one store: "int8" or "binary"
+        (or "float32", the default: the index's float vectors, whether they
+        are stored as float32 or float16).
       query_batch: queries scored at a time.
       adapted: the queries are already adapted vectors [n_queries, d].
 
+    With none of dim, schedule and precision, an index with a default
+    schedule (`index.schedule`, e.g. built from a `plan` config) searches
+    with it; otherwise the search is exact at all d dims.
+
     Returns:
-      (scores, ids): float32 cosine scores [n_queries, k] and an object array
+      (scores, ids): float32 scores [n_queries, k] and an object array
       [n_queries, k] of document ids, best first; ties go to the lower row.
+      Scores are cosines at the last stage's prefix (int8: of the dequantised
+      documents), or 1 - 2 * hamming / dim for binary.
     """
     scores, rows = self.search_rows(query_embeddings, k, dim=dim, schedule=schedule,
-                                    query_batch=query_batch, adapted=adapted)
+                                    precision=precision, query_batch=query_batch, adapted=adapted)
     ids = np.asarray(self.ids, dtype=object)
     return scores, ids[rows]
 
@@ -328,6 +454,10 @@ class MatryoshkaIndex:
         "adaptor": None if self.adaptor is None else {
             "config": self.adaptor.config.to_dict(),
             "fingerprint": _adaptor_fingerprint(self.adaptor)},
+        "stores": [{"precision": p, "dims": m,
+                    "files": {name: _store_file(p, m, name) for name in st.arrays()}}
+                   for (p, m), st in sorted(self._stores.items())],
+        "schedule": None if self.schedule is None else [list(st) for st in self.schedule],
     }
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{directory.name}.tmp-", dir=directory.parent))
@@ -338,6 +468,10 @@ class MatryoshkaIndex:
         np.save(f, np.stack([self._inv_norms[m] for m in dims]) if dims
                 else np.zeros((0, self.n), np.float32))
       (tmp / _IDS).write_text(json.dumps(self.ids))
+      for (p, m), st in self._stores.items():
+        for name, array in st.arrays().items():
+          with open(tmp / _store_file(p, m, name), "wb") as f:
+            np.save(f, array)
       if self.adaptor is not None:
         self.adaptor.save(tmp / _ADAPTOR)
       (tmp / _META).write_text(json.dumps(meta, indent=2) + "\n")
@@ -390,9 +524,68 @@ class MatryoshkaIndex:
       if found != stored["fingerprint"]:
         raise InputError(f"{directory}: adaptor mismatch: the index was built with adaptor "
                          f"fingerprint {stored['fingerprint']}, got {found} ({adaptor!r})")
-    return cls(vectors, ids, adaptor=adaptor, precision=precision,
-               inv_norms={m: norms[i] for i, m in enumerate(dims)},
-               block_size=int(meta.get("block_size", 16384)))
+    stores = {}
+    for entry in meta.get("stores") or []:  # Absent from indexes written before stores.
+      try:
+        p, m = entry["precision"], int(entry["dims"])
+        files = entry["files"]
+      except (KeyError, TypeError, ValueError):
+        raise InputError(f"{directory / _META}: expected stores as {{precision, dims, files}}, "
+                         f"found {entry!r}") from None
+      if p not in quant.QUANTISED or not 1 <= m <= d:
+        raise InputError(f"{directory / _META}: expected a store precision in "
+                         f"{list(quant.QUANTISED)} with dims in [1, {d}], found {p!r} {m}")
+      arrays = {name: _read_npy(directory / files.get(name, _store_file(p, m, name)), shape,
+                                np.dtype(dtype))
+                for name, (shape, dtype) in _store_layout(p, m, n).items()}
+      stores[(p, m)] = quant.store_from_arrays(p, m, arrays)
+    schedule = meta.get("schedule")
+    try:
+      schedule = None if schedule is None else quant.check_schedule(schedule, d, n_docs=n)
+    except ValueError as e:
+      raise InputError(f"{directory / _META}: bad default schedule: {e}") from None
+    index = cls(vectors, ids, adaptor=adaptor, precision=precision,
+                inv_norms={m: norms[i] for i, m in enumerate(dims)},
+                block_size=meta.get("block_size"), stores=stores, schedule=schedule)
+    if schedule is not None:
+      index._store_for_schedule(schedule)
+    return index
+
+
+def _store_file(precision: str, dims: int, name: str) -> str:
+  return f"store-{precision}-{dims}-{name}.npy"
+
+
+def _store_layout(precision: str, dims: int, n: int) -> dict:
+  """{array name: (shape, dtype)} of a saved store."""
+  if precision == "binary":
+    return {"bits": ((n, dims // 8), np.uint8)}
+  return {"codes": ((n, dims), np.int8), "calibration": ((2, dims), np.float32)}
+
+
+def _store_specs(stores, d: int) -> list[tuple[str, int]]:
+  """(precision, dims) pairs from {precision: dims}, pairs, or "precision:dims" strings."""
+  if stores is None:
+    return []
+  items = stores.items() if isinstance(stores, dict) else stores
+  out = []
+  for item in items:
+    if isinstance(item, str):
+      p, _, m = item.partition(":")
+      item = (p, m)
+    elif isinstance(item, dict):  # As listed in a plan config.
+      item = (item.get("precision"), item.get("dims"))
+    try:
+      p, m = item
+      m = int(m)
+    except (TypeError, ValueError):
+      raise InputError(f"stores must be {{precision: dims}} or (precision, dims) pairs like "
+                       f"('int8', 256), got {item!r}") from None
+    if p not in quant.QUANTISED:
+      raise InputError(f"store precision must be one of {list(quant.QUANTISED)} (float32 is the "
+                       f"index's own vectors), got {p!r}")
+    out.append((p, quant.check_store_dims(p, m, d, name=f"{p} store dims")))
+  return list(dict.fromkeys(out))
 
 
 def _load_adaptor(path):
@@ -537,7 +730,7 @@ def plan_schedule(index: MatryoshkaIndex, query_embeddings, *, k: int = 10,
   for m in set(first_dims) | set(middle_dims):
     search_lib.check_dim(m, d, name="planned dims")
 
-  _, exact = index.search_rows(q, k, adapted=True)
+  _, exact = index.search_rows(q, k, dim=d, adapted=True)
   q_by_dim = {m: np.asarray(search_lib.truncate(q, m)) for m in set(first_dims + middle_dims + [d])}
   norms = {m: index.prefix_inv_norms(m) for m in q_by_dim}
   schedules = []
@@ -583,14 +776,34 @@ def plan_schedule(index: MatryoshkaIndex, query_embeddings, *, k: int = 10,
 
 
 def _parse_schedule(text: str):
-  try:
-    stages = [tuple(int(v) for v in part.split(":")) for part in text.split(",") if part.strip()]
-  except ValueError:
-    stages = None
-  if not stages or any(len(s) != 2 for s in stages):
-    raise argparse.ArgumentTypeError(
-        f"expected DIM:KEEP stages separated by commas like 32:1000,128:100,768:10, got {text!r}")
+  """DIM:KEEP[:PRECISION] stages separated by commas -> (dim, keep[, precision]) tuples."""
+  stages = []
+  for part in (p.strip() for p in text.split(",")):
+    fields = part.split(":")
+    try:
+      if not part or len(fields) not in (2, 3) or (len(fields) == 3 and fields[2] not in
+                                                   quant.PRECISIONS):
+        raise ValueError
+      stage = (int(fields[0]), int(fields[1])) + tuple(fields[2:])
+    except ValueError:
+      raise argparse.ArgumentTypeError(
+          f"expected DIM:KEEP[:PRECISION] stages separated by commas, precision one of "
+          f"{list(quant.PRECISIONS)}, like 256:400:binary,256:40:int8,768:10; got {text!r}") from None
+    stages.append(stage)
   return stages
+
+
+def _parse_stores(text: str):
+  """PRECISION:DIMS items separated by commas -> (precision, dims) pairs."""
+  out = []
+  for part in (p.strip() for p in text.split(",")):
+    p, _, m = part.partition(":")
+    if p not in quant.QUANTISED or not m.isdigit():
+      raise argparse.ArgumentTypeError(
+          f"expected PRECISION:DIMS items separated by commas, precision one of "
+          f"{list(quant.QUANTISED)}, like binary:768,int8:256; got {text!r}")
+    out.append((p, int(m)))
+  return out
 
 
 def _load_queries(args):
@@ -607,10 +820,28 @@ def _cmd_build(args):
   if model is not None and emb.vectors.shape[1] != model.d_in:
     raise InputError(f"--corpus {args.corpus}: adaptor {args.checkpoint} expects d={model.d_in}, "
                      f"got d={emb.vectors.shape[1]}")
+  stores, schedule = list(args.stores or []), None
+  if args.config:
+    from adaptor.budget import read_config
+    config = read_config(args.config)
+    d_out = model.d_out if model is not None else emb.vectors.shape[1]
+    if config["d"] != d_out:
+      raise InputError(f"--config {args.config}: planned for d={config['d']}, got an index of "
+                       f"d={d_out}")
+    found = None if model is None else _adaptor_fingerprint(model)
+    if config.get("adaptor_fingerprint") != found:
+      raise InputError(f"--config {args.config}: planned with adaptor fingerprint "
+                       f"{config.get('adaptor_fingerprint')}, got {found} (--checkpoint "
+                       f"{args.checkpoint})")
+    stores += [(st["precision"], st["dims"]) for st in config["stores"]]
+    schedule = config["schedule"]
   t = time.perf_counter()
-  index = MatryoshkaIndex.build(emb.vectors, ids=emb.ids, adaptor=model, precision=args.precision)
+  index = MatryoshkaIndex.build(emb.vectors, ids=emb.ids, adaptor=model, precision=args.precision,
+                                stores=stores, calibration_rows=args.calibration_rows,
+                                schedule=schedule)
   index.save(args.out, overwrite=args.overwrite)
-  print(f"saved {index!r} to {args.out} ({time.perf_counter() - t:.1f} s)")
+  print(f"saved {index!r} to {args.out} ({time.perf_counter() - t:.1f} s)"
+        + (f"; default schedule {quant.format_schedule(index.schedule)}" if schedule else ""))
 
 
 def _write_run(path, query_ids, ids, scores) -> None:
@@ -626,7 +857,8 @@ def _cmd_search(args):
   index = MatryoshkaIndex.load(args.index)
   queries, query_ids = _load_queries(args)
   t = time.perf_counter()
-  scores, ids = index.search(queries, args.k, dim=args.dim, schedule=args.schedule)
+  scores, ids = index.search(queries, args.k, dim=args.dim, schedule=args.schedule,
+                             precision=args.precision)
   took = time.perf_counter() - t
   if args.output:
     _write_run(args.output, query_ids, ids, scores)
@@ -669,6 +901,12 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
   b.add_argument("--column", help="embedding column/array name")
   b.add_argument("--checkpoint", help="adaptor checkpoint applied to documents and queries")
   b.add_argument("--precision", default="float32", choices=sorted(_PRECISIONS))
+  b.add_argument("--stores", type=_parse_stores,
+                 help="quantised stores to add, e.g. binary:768,int8:256")
+  b.add_argument("--calibration-rows", type=int,
+                 help="int8 calibration sample (evenly spaced rows; default: all)")
+  b.add_argument("--config", help="plan.json from `matryoshka-adaptor plan`: adds its stores "
+                 "and makes its schedule the index's default search")
   b.add_argument("--out", required=True, help="index directory (written atomically)")
   b.add_argument("--overwrite", action="store_true", help="replace an existing index")
   b.set_defaults(handler=_cmd_build)
@@ -684,7 +922,12 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
   query_args(s)
   how = s.add_mutually_exclusive_group()
   how.add_argument("--dim", type=int, help="prefix length for exact search (default: all)")
-  how.add_argument("--schedule", type=_parse_schedule, help="funnel, e.g. 32:1000,768:10")
+  how.add_argument("--schedule", type=_parse_schedule,
+                   help="funnel of DIM:KEEP[:PRECISION] stages, e.g. 32:1000,768:10 or "
+                   "256:400:binary,256:40:int8,768:10 (default: the index's planned schedule, "
+                   "if it has one, else exact at all dims)")
+  s.add_argument("--precision", choices=list(quant.PRECISIONS),
+                 help="with --dim: exact search over the int8 or binary store")
   s.add_argument("--output", help="run TSV (query-id, corpus-id, rank, score); default: print")
   s.set_defaults(handler=_cmd_search)
 

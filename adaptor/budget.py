@@ -1,0 +1,617 @@
+"""Budget planner: which quantised stores and funnel to keep for a memory or quality target.
+
+    plan = plan_budget(index, validation_queries, qrels=qrels, query_ids=ids, bytes_per_vector=96)
+    print(plan.format_frontier()); plan.plot("frontier.png"); write_config(plan, "plan.json")
+    config = read_config("plan.json")
+    index = MatryoshkaIndex.build(corpus, adaptor=model, stores=config["stores"],
+                                  schedule=config["schedule"])
+
+The planner measures, on validation queries, every configuration of a grid
+(`Grid`): single-stage exact search at each (dims, precision) - float32,
+int8 or binary - and two- and three-stage funnels whose first stage scans a
+binary or int8 prefix and whose later stages rescore the shortlist with int8
+and/or the full float vectors, e.g. 256:400:binary,256:40:int8,768:10.
+
+For each it records
+- bytes/vector in memory. Convention "first-stage" (the default, and
+  sentence-transformers' when it reports binary + int8 rescoring as "32x less
+  memory"): the bytes per document of what the first stage scans over the whole
+  corpus - binary m/8, int8 m, float itemsize * m (+ 4 for the prefix norm when
+  m < d). Later stages read only their shortlist's rows, which can stay on disk
+  (memory-mapped). Convention "all": every store the schedule reads counts, as
+  if all were held in memory (the stored bytes below).
+- stored bytes/vector: the bytes per document of all the data the schedule
+  reads, each store once: a binary store of the largest binary prefix, an int8
+  store per int8 prefix, the float vectors (itemsize * d, + 4 per float prefix
+  norm m < d) if any stage is float32. (The index also keeps its float vectors,
+  whatever the schedule.)
+- quality: nDCG@k against qrels when they are given, else recall@k against
+  full-size float32 exact search; and relative quality, its ratio to the same
+  metric of full-size float32 exact search on the same index.
+- query time: median over `repeats` runs of (by default the first 256 of) the
+  validation queries, ms/query.
+
+The Pareto frontier keeps the configurations no other one beats on all three of
+bytes (in the chosen convention), quality and time. The choice is the best
+quality within `bytes_per_vector` (ties: fewer bytes, then faster), or the
+fewest bytes reaching relative `quality` (ties: better quality, then faster).
+Plan on validation queries (e.g. the train split) and report on test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+
+from adaptor import quant
+from adaptor.data import InputError, atomic_file, check_embeddings
+
+CONVENTIONS = ("first-stage", "all")
+_CONFIG_FORMAT = "matryoshka-plan"
+_CONFIG_VERSION = 1
+_DEFAULT_QUALITY = 0.98
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  """The configurations the planner measures.
+
+  Attributes:
+    dims: prefix lengths (default: 32, 64, 128, ... below d, and d); binary
+      stages use those that are multiples of 8.
+    precisions: precisions of single-stage exact search.
+    first_precisions: precisions of a funnel's first stage.
+    shortlists: a two-stage funnel's first keep, as multiples of k
+      (sentence-transformers' rescore_multiplier is 4). Two-stage funnels
+      rescore with the full float vectors or with int8 at any grid dims
+      (after an int8 first stage: more dims than it).
+    deep_shortlists: a three-stage funnel's first keep, as multiples of k.
+    middle_shortlist: a three-stage funnel's second keep, as a multiple of k.
+  """
+
+  dims: tuple[int, ...] | None = None
+  precisions: tuple[str, ...] = ("binary", "int8", "float32")
+  first_precisions: tuple[str, ...] = ("binary", "int8")
+  shortlists: tuple[int, ...] = (4, 10, 40)
+  deep_shortlists: tuple[int, ...] = (10, 40)
+  middle_shortlist: int = 4
+
+  def resolved_dims(self, d: int) -> tuple[int, ...]:
+    if self.dims is None:
+      dims, m = [], 32
+      while m < d:
+        dims.append(m)
+        m *= 2
+      return tuple(dims) + (d,)
+    dims = tuple(sorted({int(m) for m in self.dims}))
+    for m in dims:
+      quant.search_lib.check_dim(m, d, name="grid dims")
+    return dims
+
+
+def candidate_schedules(d: int, k: int, n_docs: int, grid: Grid | None = None) -> list:
+  """Every schedule of the grid, as tuples of (dim, keep, precision) stages."""
+  grid = grid or Grid()
+  dims = grid.resolved_dims(d)
+  ok = lambda p, m: p != "binary" or m % 8 == 0
+  out = [((m, k, p),) for p in grid.precisions for m in dims if ok(p, m)]
+  keeps = sorted({c * k for c in grid.shortlists if k < c * k <= n_docs})
+  for p1 in grid.first_precisions:
+    for m1 in dims:
+      if not ok(p1, m1):
+        continue
+      for k1 in keeps:
+        out.append(((m1, k1, p1), (d, k, "float32")))
+        # int8 rescoring of a binary shortlist may use fewer dims than it (less
+        # memory when every store is held); of an int8 one, only more dims.
+        out += [((m1, k1, p1), (m2, k, "int8")) for m2 in dims if p1 == "binary" or m2 > m1]
+  middle = grid.middle_shortlist * k
+  for m1 in dims:
+    if not ok("binary", m1) or "binary" not in grid.first_precisions:
+      continue
+    for k1 in sorted({c * k for c in grid.deep_shortlists if middle < c * k <= n_docs}):
+      out += [((m1, k1, "binary"), (m2, middle, "int8"), (d, k, "float32"))
+              for m2 in dims if m2 >= m1]
+  return list(dict.fromkeys(out))
+
+
+def stores_for(schedule) -> list[tuple[str, int]]:
+  """The quantised stores a schedule reads: one binary store of its largest binary prefix, one int8 store per int8 prefix."""
+  binary = [m for m, _, p in schedule if p == "binary"]
+  int8 = sorted({m for m, _, p in schedule if p == "int8"})
+  return ([("binary", max(binary))] if binary else []) + [("int8", m) for m in int8]
+
+
+def schedule_bytes(schedule, d: int, *, float_itemsize: int = 4) -> dict[str, float]:
+  """Bytes per document of a schedule (see the module docstring).
+
+  Returns:
+    {"first_stage": bytes the first stage scans, "stored": bytes of all the
+    data the schedule reads}.
+  """
+  def stage_bytes(m, p):
+    if p == "binary":
+      return m / 8
+    if p == "int8":
+      return float(m)
+    return float(float_itemsize * m + (4 if m < d else 0))
+
+  m1, _, p1 = schedule[0]
+  stored = sum(m / 8 if p == "binary" else float(m) for p, m in stores_for(schedule))
+  float_dims = {m for m, _, p in schedule if p == "float32"}
+  if float_dims:
+    stored += float_itemsize * d + 4 * sum(1 for m in float_dims if m < d)
+  return {"first_stage": stage_bytes(m1, p1), "stored": float(stored)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  """One measured configuration.
+
+  Attributes:
+    schedule: (dim, keep, precision) stages.
+    memory_bytes: bytes/vector in memory ("first-stage" convention).
+    stored_bytes: bytes/vector of all the data it reads ("all" convention).
+    quality: nDCG@k (with qrels) or recall@k against full-size float32 search.
+    relative: quality / the same for full-size float32 exact search.
+    ms_per_query: median query time on the validation queries.
+  """
+
+  schedule: tuple
+  memory_bytes: float
+  stored_bytes: float
+  quality: float
+  relative: float
+  ms_per_query: float
+
+  @property
+  def label(self) -> str:
+    return quant.format_schedule(self.schedule)
+
+  def bytes(self, convention: str) -> float:
+    return self.memory_bytes if convention == "first-stage" else self.stored_bytes
+
+  def to_dict(self) -> dict:
+    return {"schedule": [list(s) for s in self.schedule], "label": self.label,
+            "memory_bytes": self.memory_bytes, "stored_bytes": self.stored_bytes,
+            "quality": self.quality, "relative": self.relative,
+            "ms_per_query": self.ms_per_query,
+            "stores": [{"precision": p, "dims": m} for p, m in stores_for(self.schedule)]}
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "Candidate":
+    return cls(schedule=tuple(tuple(s) for s in d["schedule"]), memory_bytes=d["memory_bytes"],
+               stored_bytes=d["stored_bytes"], quality=d["quality"], relative=d["relative"],
+               ms_per_query=d["ms_per_query"])
+
+
+def pareto_front(candidates, convention: str = "first-stage") -> list[int]:
+  """Indices of the candidates no other one beats on bytes, quality and time.
+
+  Another candidate dominates one if it is at least as good on all three (fewer
+  or equal bytes, higher or equal quality, faster or equal) and better on one.
+  Returned in order of increasing bytes (then decreasing quality).
+  """
+  pts = [(c.bytes(convention), -c.quality, c.ms_per_query) for c in candidates]
+  front = [i for i, a in enumerate(pts)
+           if not any(all(x <= y for x, y in zip(b, a)) and b != a for b in pts)]
+  return sorted(front, key=lambda i: (pts[i][0], pts[i][1], pts[i][2]))
+
+
+def choose(candidates, *, bytes_per_vector: float | None = None, quality: float | None = None,
+           convention: str = "first-stage") -> int:
+  """Index of the chosen candidate (see the module docstring); InputError if none qualifies."""
+  if (bytes_per_vector is None) == (quality is None):
+    raise ValueError(f"give bytes_per_vector or quality, exactly one (got {bytes_per_vector!r} "
+                     f"and {quality!r})")
+  if not candidates:
+    raise InputError("no configurations to choose from")
+  idx = range(len(candidates))
+  b = lambda i: candidates[i].bytes(convention)
+  if bytes_per_vector is not None:
+    fits = [i for i in idx if b(i) <= bytes_per_vector + 1e-9]
+    if not fits:
+      small = min(idx, key=b)
+      raise InputError(f"--bytes-per-vector must allow at least one configuration: the smallest "
+                       f"needs {b(small):g} bytes/vector ({candidates[small].label}, convention "
+                       f"{convention}), got {bytes_per_vector:g}")
+    return min(fits, key=lambda i: (-candidates[i].quality, b(i), candidates[i].ms_per_query))
+  reach = [i for i in idx if candidates[i].relative >= quality - 1e-12]
+  if not reach:
+    best = max(idx, key=lambda i: candidates[i].relative)
+    raise InputError(f"--quality must be reachable: the best configuration keeps "
+                     f"{candidates[best].relative:.4f} of full-size float32 quality "
+                     f"({candidates[best].label}), got {quality:g}")
+  return min(reach, key=lambda i: (b(i), -candidates[i].quality, candidates[i].ms_per_query))
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetPlan:
+  """The measured grid, its Pareto frontier and the chosen configuration.
+
+  Attributes:
+    candidates: every measured `Candidate`.
+    frontier: indices into candidates (see `pareto_front`).
+    choice: index of the chosen candidate.
+    metric: "ndcg@k" (qrels) or "recall@k" (agreement with full-size float32 search).
+    full_quality: the metric of full-size float32 exact search.
+    k, d: results per query and vector size.
+    convention: "first-stage" or "all" (see the module docstring).
+    criterion: {"bytes_per_vector": B} or {"quality": Q}.
+    n_queries, n_docs: the validation set.
+    adaptor_fingerprint: the index's adaptor (None without one).
+  """
+
+  candidates: list
+  frontier: list
+  choice: int
+  metric: str
+  full_quality: float
+  k: int
+  d: int
+  convention: str
+  criterion: dict
+  n_queries: int
+  n_docs: int
+  adaptor_fingerprint: str | None
+
+  @property
+  def chosen(self) -> Candidate:
+    return self.candidates[self.choice]
+
+  def config(self) -> dict:
+    """What `index build --config` needs: the stores and the default schedule."""
+    return {"format": _CONFIG_FORMAT, "format_version": _CONFIG_VERSION, "d": self.d, "k": self.k,
+            "adaptor_fingerprint": self.adaptor_fingerprint,
+            "stores": self.chosen.to_dict()["stores"],
+            "schedule": [list(s) for s in self.chosen.schedule]}
+
+  def to_dict(self) -> dict:
+    out = self.config()
+    out.update({"chosen": self.chosen.to_dict(), "metric": self.metric,
+                "full_quality": self.full_quality, "convention": self.convention,
+                "criterion": self.criterion, "n_queries": self.n_queries, "n_docs": self.n_docs,
+                "frontier": [self.candidates[i].to_dict() for i in self.frontier],
+                "candidates": [c.to_dict() for c in self.candidates]})
+    return out
+
+  def format_frontier(self) -> str:
+    """A Markdown table of the frontier; the chosen row is marked with *."""
+    rows = list(self.frontier)
+    if self.choice not in rows:  # Cannot happen for a unique best, but ties may hide it.
+      rows = sorted(rows + [self.choice], key=lambda i: self.candidates[i].bytes(self.convention))
+    lines = [(f"| | bytes/vector in memory ({self.convention}) | stored bytes/vector | schedule | "
+              f"{self.metric} | % of full float32 | ms/query |"), "|---|---|---|---|---|---|---|"]
+    for i in rows:
+      c = self.candidates[i]
+      lines.append(f"| {'*' if i == self.choice else ''} | {c.bytes(self.convention):g} | "
+                   f"{c.stored_bytes:g} | {c.label} | {c.quality:.4f} | {100 * c.relative:.1f}% | "
+                   f"{c.ms_per_query:.3f} |")
+    return "\n".join(lines)
+
+  def plot(self, path, *, title: str = "") -> None:
+    """Frontier PNG: relative quality vs bytes/vector (log), frontier coloured by ms/query."""
+    plot_frontier(self.candidates, self.frontier, self.choice, path, convention=self.convention,
+                  metric=self.metric, budget=self.criterion.get("bytes_per_vector"), title=title)
+
+
+def plot_frontier(candidates, frontier, choice, path, *, convention="first-stage",
+                  metric="ndcg@10", budget=None, title="") -> None:
+  """Scatter of every candidate, the frontier coloured by query time, the choice starred."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+  xs = np.array([c.bytes(convention) for c in candidates])
+  ys = np.array([100 * c.relative for c in candidates])
+  ax.scatter(xs, ys, s=10, c="lightgrey", label="measured")
+  f = np.asarray(frontier, dtype=int)
+  if len(f):
+    times = np.array([candidates[i].ms_per_query for i in f])
+    sc = ax.scatter(xs[f], ys[f], s=28, c=times, cmap="viridis", label="Pareto frontier",
+                    zorder=3)
+    fig.colorbar(sc, ax=ax, label="ms / query")
+  c = candidates[choice]
+  ax.scatter([xs[choice]], [ys[choice]], marker="*", s=220, c="red", zorder=4,
+             label=f"chosen: {c.label}")
+  if budget is not None:
+    ax.axvline(budget, color="red", ls="--", lw=0.8)
+  ax.axhline(100, color="black", lw=0.6)
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel(f"bytes / vector in memory ({convention})")
+  ax.set_ylabel(f"{metric}, % of full-size float32")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def _overlap(found: np.ndarray, reference: np.ndarray) -> float:
+  k = reference.shape[1]
+  return float(np.mean((found[:, :, None] == reference[:, None, :]).any(axis=2).sum(axis=1) / k))
+
+
+def measure(index, queries, schedule, *, k: int, qrels=None, query_ids=None, reference=None,
+            repeats: int = 3, query_batch: int = 256,
+            time_queries: int | None = None) -> tuple[float, float, np.ndarray]:
+  """Quality and median time of one schedule on adapted queries.
+
+  Args:
+    index: a `MatryoshkaIndex` holding the stores the schedule reads.
+    queries: adapted queries, with shape [n_q, d] (float32).
+    schedule: (dim, keep[, precision]) stages.
+    k: results per query.
+    qrels, query_ids: for nDCG@k; else `reference` rows [n_q, k] give recall@k.
+    repeats: timed runs (after one untimed run that compiles).
+    time_queries: time only the first this many queries (default all); the
+      quality is always measured on all of them.
+
+  Returns:
+    (quality, ms_per_query, rows [n_q, k]).
+  """
+  from adaptor.metrics import evaluate_topk
+  run = lambda q: index.search_rows(q, k, schedule=schedule, adapted=True,
+                                    query_batch=query_batch)
+  scores, rows = run(queries)
+  timed = queries if time_queries is None else queries[:time_queries]
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    run(timed)
+    times.append(time.perf_counter() - t)
+  ms = 1000 * float(np.median(times)) / timed.shape[0] if times else float("nan")
+  if qrels is not None:
+    quality = evaluate_topk(rows, scores, query_ids, index.ids, qrels, k_values=(k,))[f"ndcg@{k}"]
+  else:
+    quality = _overlap(rows, reference)
+  return float(quality), ms, rows
+
+
+def plan_budget(index, query_embeddings, *, k: int = 10, qrels=None, query_ids=None,
+                bytes_per_vector: float | None = None, quality: float | None = None,
+                grid: Grid | None = None, convention: str = "first-stage", repeats: int = 3,
+                time_queries: int | None = 256, adapted: bool = False, query_batch: int = 256,
+                progress=None) -> BudgetPlan:
+  """Measures the grid on validation queries and chooses a configuration.
+
+  Args:
+    index: a `MatryoshkaIndex` (its float vectors are used as they are; the
+      stores the grid needs are added to a view of it, not to it).
+    query_embeddings: validation queries, raw [n_q, d_in] (or adapted [n_q, d]
+      with adapted=True).
+    k: results per query (nDCG@k / recall@k).
+    qrels, query_ids: judgements {query id: {doc id: grade}} and the ids of
+      the query rows; without qrels, quality is recall@k against full-size
+      float32 exact search.
+    bytes_per_vector: choose the best quality within this many bytes/vector.
+    quality: or the fewest bytes reaching this share of full-size float32
+      quality (e.g. 0.98); default 0.98 when neither is given.
+    grid: the configurations to measure (default `Grid()`).
+    convention: "first-stage" or "all" (see the module docstring).
+    repeats: timed runs per configuration.
+    time_queries: queries per timed run (one batch by default; None: all).
+    adapted: the queries are already adapted.
+    query_batch: queries per search batch.
+    progress: optional fn(str) called after each configuration.
+
+  Returns:
+    A `BudgetPlan`.
+  """
+  from adaptor.index import _adaptor_fingerprint
+  if convention not in CONVENTIONS:
+    raise InputError(f"convention must be one of {list(CONVENTIONS)}, got {convention!r}")
+  if bytes_per_vector is not None and quality is not None:
+    raise InputError(f"give bytes_per_vector or quality, not both (got {bytes_per_vector!r} "
+                     f"and {quality!r})")
+  if bytes_per_vector is not None and not bytes_per_vector > 0:
+    raise InputError(f"bytes_per_vector must be > 0, got {bytes_per_vector!r}")
+  if quality is not None and not quality > 0:
+    raise InputError(f"quality must be a share of full-size quality > 0 (e.g. 0.98), got {quality!r}")
+  if bytes_per_vector is None and quality is None:
+    quality = _DEFAULT_QUALITY
+  d, n = index.d, index.n
+  k = quant.search_lib._check_k(k, n, what="the index size")
+  q = (check_embeddings(query_embeddings, name="query_embeddings", dim=d).astype(np.float32)
+       if adapted else index.prepare_queries(query_embeddings))
+  if qrels is not None:
+    if query_ids is None or len(query_ids) != q.shape[0]:
+      raise InputError(f"query_ids must name the {q.shape[0]} validation queries when qrels are "
+                       f"given, got {None if query_ids is None else len(query_ids)}")
+    qrels = {qid: qrels[qid] for qid in query_ids if qid in qrels}
+    if not qrels:
+      raise InputError("qrels must judge at least one of the validation queries, got none")
+  schedules = candidate_schedules(d, k, n, grid)
+  itemsize = np.dtype(index.vectors.dtype).itemsize
+  sizes = [schedule_bytes(sch, d, float_itemsize=itemsize) for sch in schedules]
+  if bytes_per_vector is not None:  # Refused before anything is measured.
+    key = "first_stage" if convention == "first-stage" else "stored"
+    small = min(range(len(schedules)), key=lambda i: sizes[i][key])
+    if sizes[small][key] > bytes_per_vector + 1e-9:
+      raise InputError(f"--bytes-per-vector must allow at least one configuration: the smallest "
+                       f"needs {sizes[small][key]:g} bytes/vector "
+                       f"({quant.format_schedule(schedules[small])}, convention {convention}), "
+                       f"got {bytes_per_vector:g}")
+  work = index._view()
+  needed = {st for sch in schedules for st in stores_for(sch)}
+  binary = [m for p, m in needed if p == "binary"]
+  if binary:  # One binary store serves every shorter binary prefix.
+    work.add_store("binary", max(binary))
+  for m in sorted(m for p, m in needed if p == "int8"):
+    work.add_store("int8", m)
+  _, reference = work.search_rows(q, k, dim=d, adapted=True, query_batch=query_batch)
+  candidates = []
+  for schedule, size in zip(schedules, sizes):
+    qual, ms, _ = measure(work, q, schedule, k=k, qrels=qrels, query_ids=query_ids,
+                          reference=reference, repeats=repeats, query_batch=query_batch,
+                          time_queries=time_queries)
+    candidates.append([schedule, size["first_stage"], size["stored"], qual, ms])
+    if progress is not None:
+      progress(f"{quant.format_schedule(schedule)}: quality {qual:.4f}, {ms:.3f} ms/query "
+               f"({len(candidates)}/{len(schedules)})")
+  full = next(c[3] for c in candidates if c[0] == ((d, k, "float32"),))
+  if not full > 0:
+    raise InputError(f"full-size float32 search scores {full} on the validation queries; "
+                     f"expected > 0 to measure relative quality")
+  candidates = [Candidate(schedule=s, memory_bytes=mb, stored_bytes=sb, quality=qq,
+                          relative=qq / full, ms_per_query=ms) for s, mb, sb, qq, ms in candidates]
+  choice = choose(candidates, bytes_per_vector=bytes_per_vector, quality=quality,
+                  convention=convention)
+  criterion = ({"bytes_per_vector": bytes_per_vector} if bytes_per_vector is not None
+               else {"quality": quality})
+  return BudgetPlan(candidates=candidates, frontier=pareto_front(candidates, convention),
+                    choice=choice, metric=f"{'ndcg' if qrels is not None else 'recall'}@{k}",
+                    full_quality=full, k=k, d=d, convention=convention, criterion=criterion,
+                    n_queries=q.shape[0], n_docs=n,
+                    adaptor_fingerprint=None if index.adaptor is None
+                    else _adaptor_fingerprint(index.adaptor))
+
+
+# ---------------------------------------------------------------- config files
+
+
+def write_config(plan: BudgetPlan, path) -> None:
+  """Writes the plan (its config for `index build --config`, the frontier and every candidate) as JSON, atomically."""
+  with atomic_file(path) as f:
+    json.dump(plan.to_dict(), f, indent=2)
+    f.write("\n")
+
+
+def read_config(path) -> dict:
+  """Reads and checks a plan written by `write_config`; InputError naming what is wrong."""
+  try:
+    with open(path) as f:
+      config = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise InputError(f"{path}: expected a plan JSON from `matryoshka-adaptor plan`, got error: "
+                     f"{e}") from None
+  if not isinstance(config, dict) or config.get("format") != _CONFIG_FORMAT or \
+      config.get("format_version") != _CONFIG_VERSION:
+    found = config.get("format") if isinstance(config, dict) else type(config).__name__
+    raise InputError(f"{path}: expected a {_CONFIG_FORMAT} format_version {_CONFIG_VERSION}, "
+                     f"found {found!r}")
+  missing = [key for key in ("d", "stores", "schedule") if key not in config]
+  if missing:
+    raise InputError(f"{path}: expected keys d, stores and schedule, missing {missing}")
+  try:
+    quant.check_schedule(config["schedule"], int(config["d"]))
+    stores = [(st["precision"], int(st["dims"])) for st in config["stores"]]
+  except (ValueError, TypeError, KeyError) as e:
+    raise InputError(f"{path}: bad stores or schedule: {e}") from None
+  for p, m in stores:
+    if p not in quant.QUANTISED:
+      raise InputError(f"{path}: store precision must be one of {list(quant.QUANTISED)}, got {p!r}")
+    quant.check_store_dims(p, m, int(config["d"]), name=f"{path}: {p} store dims")
+  return config
+
+
+# ---------------------------------------------------------------- CLI
+
+EXAMPLES = """\
+examples (SciFact data shipped in data/; plan on the train queries, report on test):
+  # the best configuration within 48 bytes/vector, with an adaptor
+  matryoshka-adaptor plan --beir data/scifact --model all-MiniLM-L6-v2 \\
+      --checkpoint checkpoints/scifact-minilm --bytes-per-vector 48 --out plans/minilm-48
+
+  # the fewest bytes keeping 98% of full-size float32 nDCG@10
+  matryoshka-adaptor plan --beir data/scifact --model all-MiniLM-L6-v2 --quality 0.98 \\
+      --out plans/minilm-98
+
+  # build an index with the chosen stores; its default search is the planned funnel
+  matryoshka-adaptor index build --corpus data/scifact/embeddings/all-MiniLM-L6-v2/corpus.npy \\
+      --checkpoint checkpoints/scifact-minilm --config plans/minilm-48/plan.json --out indexes/minilm
+"""
+
+
+def _positive_ints(text: str) -> tuple[int, ...]:
+  try:
+    out = tuple(int(x) for x in text.split(",") if x.strip())
+  except ValueError:
+    out = ()
+  if not out or any(v < 1 for v in out):
+    raise argparse.ArgumentTypeError(f"expected comma-separated positive ints like 4,10,40, "
+                                     f"got {text!r}")
+  return out
+
+
+def _cmd_plan(args):
+  import adaptor
+  from adaptor import cli
+  from adaptor.index import MatryoshkaIndex
+
+  corpus, corpus_ids, queries, query_ids, qrels = cli._load_inputs(args, args.split)
+  if queries is None:
+    raise InputError("plan needs validation queries: --beir DIR --model NAME, or --queries FILE")
+  if query_ids is None:
+    query_ids = [str(i) for i in range(queries.shape[0])]
+  if args.max_queries is not None and args.max_queries < queries.shape[0]:
+    if args.max_queries < 1:
+      raise InputError(f"--max-queries must be >= 1, got {args.max_queries}")
+    pick = np.unique(np.linspace(0, queries.shape[0] - 1, args.max_queries).round().astype(int))
+    queries, query_ids = np.asarray(queries[pick]), [query_ids[i] for i in pick]
+  model = adaptor.load(args.checkpoint, d_in=corpus.shape[1]) if args.checkpoint else None
+  t = time.perf_counter()
+  index = MatryoshkaIndex.build(corpus, ids=corpus_ids, adaptor=model, dims=())
+  grid = Grid(dims=args.dims, **({"shortlists": args.shortlists} if args.shortlists else {}))
+  plan = plan_budget(index, queries, k=args.k, qrels=qrels, query_ids=query_ids,
+                     bytes_per_vector=args.bytes_per_vector, quality=args.quality, grid=grid,
+                     convention=args.convention, repeats=args.repeats)
+  took = time.perf_counter() - t
+  c = plan.chosen
+  print(f"{plan.n_queries} validation queries (split {args.split if args.beir else 'given'}), "
+        f"{plan.n_docs} documents, d={plan.d}; {len(plan.candidates)} configurations measured "
+        f"in {took:.0f} s; full-size float32 {plan.metric} {plan.full_quality:.4f}\n")
+  print(plan.format_frontier())
+  print(f"\n* chosen ({plan.criterion}): {c.label}  {c.bytes(plan.convention):g} bytes/vector in "
+        f"memory, {c.stored_bytes:g} stored, {plan.metric} {c.quality:.4f} "
+        f"({100 * c.relative:.1f}% of full float32), {c.ms_per_query:.3f} ms/query")
+  out = os.fspath(args.out)
+  write_config(plan, os.path.join(out, "plan.json"))
+  plan.plot(os.path.join(out, "frontier.png"),
+            title=f"{plan.metric} vs bytes/vector ({plan.n_queries} validation queries)")
+  print(f"\nwrote {out}/plan.json and {out}/frontier.png; build with: matryoshka-adaptor index "
+        f"build --corpus ... {'--checkpoint ' + args.checkpoint + ' ' if args.checkpoint else ''}"
+        f"--config {out}/plan.json --out INDEX")
+
+
+def add_plan_command(subparsers) -> argparse.ArgumentParser:
+  """Registers `plan` (the budget planner) on a CLI's subparsers; handler raises InputError on bad input."""
+  from adaptor.cli import _add_input_args, _dims
+  p = subparsers.add_parser(
+      "plan", help="budget planner: Pareto frontier of bytes/vector vs quality vs query time",
+      description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  _add_input_args(p, with_beir=True)
+  p.add_argument("--checkpoint", help="adaptor checkpoint applied to documents and queries")
+  p.add_argument("--split", default="train",
+                 help="qrels split whose queries validate the plan (BEIR input; default train, "
+                 "so that test stays for reporting)")
+  how = p.add_mutually_exclusive_group()
+  how.add_argument("--bytes-per-vector", type=float,
+                   help="choose the best quality within this many bytes/vector in memory")
+  how.add_argument("--quality", type=float,
+                   help=f"choose the fewest bytes keeping this share of full-size float32 quality "
+                   f"(default {_DEFAULT_QUALITY})")
+  p.add_argument("--k", type=int, default=10, help="results per query (nDCG@k / recall@k)")
+  p.add_argument("--dims", type=_dims, help="grid prefix dims (default 32,64,... and d)")
+  p.add_argument("--shortlists", type=_positive_ints,
+                 help="first-stage keeps of two-stage funnels, as multiples of k (default 4,10,40)")
+  p.add_argument("--convention", choices=list(CONVENTIONS), default="first-stage",
+                 help="bytes in memory: what the first stage scans (default, as "
+                 "sentence-transformers counts) or every store the funnel reads")
+  p.add_argument("--max-queries", type=int, help="use at most this many validation queries")
+  p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration")
+  p.add_argument("--out", required=True, help="folder for plan.json and frontier.png")
+  p.set_defaults(handler=_cmd_plan)
+  return p

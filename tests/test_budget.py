@@ -1,0 +1,143 @@
+"""Budget planner: byte accounting, Pareto frontier, choice, config files, the `plan` CLI."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import adaptor
+from adaptor import budget
+from adaptor.budget import Candidate, Grid
+from adaptor.index import MatryoshkaIndex
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "scifact"
+EMB = DATA / "embeddings" / "all-MiniLM-L6-v2"
+
+
+def _cand(schedule, memory, stored, quality, ms):
+  return Candidate(schedule=schedule, memory_bytes=memory, stored_bytes=stored, quality=quality,
+                   relative=quality / 0.8, ms_per_query=ms)
+
+
+def test_candidate_schedules_and_byte_accounting():
+  sch = budget.candidate_schedules(64, 10, 1000, Grid(dims=(16, 64), shortlists=(4,)))
+  assert ((16, 10, "binary"),) in sch and ((64, 10, "float32"),) in sch
+  assert ((16, 40, "binary"), (64, 10, "float32")) in sch
+  assert ((16, 40, "binary"), (16, 10, "int8")) in sch           # same dims, finer precision
+  assert ((16, 40, "int8"), (16, 10, "int8")) not in sch         # nothing new to rescore with
+  assert ((64, 40, "binary"), (16, 10, "int8")) in sch            # fewer, finer dims
+  assert ((16, 100, "binary"), (64, 40, "int8"), (64, 10, "float32")) in sch
+  assert len(sch) == len(set(sch))
+  b = budget.schedule_bytes(((256, 400, "binary"), (256, 40, "int8"), (768, 10, "float32")), 768)
+  assert b == {"first_stage": 32.0, "stored": 32 + 256 + 4 * 768}
+  assert budget.schedule_bytes(((64, 10, "float32"),), 768) == {"first_stage": 260.0, "stored": 4 * 768 + 4.0}
+  assert budget.schedule_bytes(((64, 10, "float32"),), 768, float_itemsize=2)["first_stage"] == 132.0
+  assert budget.schedule_bytes(((64, 100, "int8"), (768, 10, "binary")), 768) == {
+      "first_stage": 64.0, "stored": 64 + 96.0}
+  assert budget.stores_for(((256, 400, "binary"), (768, 40, "binary"), (64, 10, "int8"))) == [
+      ("binary", 768), ("int8", 64)]
+
+
+def test_pareto_front_and_choice():
+  c = [_cand(((8, 10, "binary"),), 1, 1, 0.30, 0.1),         # 0 cheapest
+       _cand(((64, 10, "binary"),), 8, 8, 0.50, 0.2),         # 1
+       _cand(((64, 10, "int8"),), 64, 64, 0.48, 0.5),         # 2 dominated by 1
+       _cand(((64, 40, "binary"), (64, 10)), 8, 264, 0.70, 0.3),  # 3 beats 1 on quality
+       _cand(((64, 10, "float32"),), 256, 256, 0.80, 0.4)]    # 4 full float
+  assert budget.pareto_front(c) == [0, 3, 1, 4]         # by bytes, then better quality
+  assert budget.pareto_front(c, "all") == [0, 1, 4, 3]   # by stored bytes 1, 8, 256, 264
+  assert budget.choose(c, bytes_per_vector=8) == 3
+  assert budget.choose(c, bytes_per_vector=100, convention="all") == 1   # budget excludes float
+  assert budget.choose(c, quality=0.85) == 3      # relative 0.875: fewest bytes, better than 1
+  assert budget.choose(c, quality=1.0) == 4
+  with pytest.raises(adaptor.InputError, match=r"smallest needs 1 bytes/vector .*got 0.5"):
+    budget.choose(c, bytes_per_vector=0.5)
+  with pytest.raises(adaptor.InputError, match=r"best configuration keeps 1.0000 .*got 1.1"):
+    budget.choose(c, quality=1.1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  rng = np.random.default_rng(0)
+  corpus = (rng.normal(size=(400, 64)) * np.linspace(1.0, 0.05, 64)).astype(np.float32)
+  queries = corpus[:30] + 0.05 * rng.normal(size=(30, 64)).astype(np.float32)
+  return MatryoshkaIndex.build(corpus), queries
+
+
+def test_plan_budget_picks_best_within_budget(tiny):
+  index, queries = tiny
+  grid = Grid(dims=(16, 32, 64), shortlists=(4,), deep_shortlists=(10,))
+  plan = budget.plan_budget(index, queries, k=5, bytes_per_vector=8, grid=grid, repeats=1)
+  assert plan.metric == "recall@5" and plan.full_quality == 1.0
+  fits = [c for c in plan.candidates if c.memory_bytes <= 8]
+  assert plan.chosen.memory_bytes <= 8 and plan.chosen.quality == max(c.quality for c in fits)
+  assert plan.choice in plan.frontier and index.stores == {}      # planned on a view
+  # Everything in memory ("all"): 100 bytes rule out every float32 stage (64 * 4 + ...).
+  strict = budget.plan_budget(index, queries, k=5, bytes_per_vector=100, grid=grid, repeats=1,
+                              convention="all")
+  assert all(p != "float32" for _, _, p in strict.chosen.schedule)
+  assert strict.chosen.stored_bytes <= 100
+  with pytest.raises(adaptor.InputError, match="must allow at least one configuration.*got 1"):
+    budget.plan_budget(index, queries, k=5, bytes_per_vector=1, grid=grid)
+
+
+def test_plan_with_qrels_config_round_trip_and_build(tiny, tmp_path):
+  index, queries = tiny
+  ids = [f"q{i}" for i in range(30)]
+  qrels = {f"q{i}": {str(i): 1} for i in range(30)}
+  plan = budget.plan_budget(index, queries, k=5, qrels=qrels, query_ids=ids, quality=0.95,
+                            grid=Grid(dims=(16, 64), shortlists=(4,), deep_shortlists=()),
+                            repeats=1)
+  assert plan.metric == "ndcg@5" and plan.chosen.relative >= 0.95
+  assert plan.chosen.memory_bytes == min(c.memory_bytes for c in plan.candidates
+                                         if c.relative >= 0.95)
+  budget.write_config(plan, tmp_path / "plan.json")
+  config = budget.read_config(tmp_path / "plan.json")
+  assert config["schedule"] == [list(s) for s in plan.chosen.schedule]
+  assert len(config["candidates"]) == len(plan.candidates)
+  built = MatryoshkaIndex.build(index.vectors, stores=config["stores"], schedule=config["schedule"])
+  assert built.schedule == plan.chosen.schedule
+  _, rows = built.search_rows(queries, 5)
+  assert np.mean(rows[:, 0] == np.arange(30)) > 0.9
+  plan.plot(tmp_path / "f.png")
+  assert (tmp_path / "f.png").stat().st_size > 1000
+  (tmp_path / "bad.json").write_text(json.dumps({"format": "other"}))
+  with pytest.raises(adaptor.InputError, match="expected a matryoshka-plan format_version 1"):
+    budget.read_config(tmp_path / "bad.json")
+
+
+@pytest.mark.slow
+def test_cli_plan_build_search_on_shipped_data(tmp_path, capsys):
+  from adaptor import cli
+  out = tmp_path / "plan"
+  common = ["plan", "--beir", str(DATA), "--model", "all-MiniLM-L6-v2", "--max-queries", "60",
+            "--dims", "64,384", "--shortlists", "4", "--repeats", "1", "--out", str(out)]
+  assert cli.main(common + ["--bytes-per-vector", "1"]) == 2
+  assert "must allow at least one configuration" in capsys.readouterr().err
+  assert not out.exists()
+  assert cli.main(common + ["--bytes-per-vector", "48"]) == 0
+  printed = capsys.readouterr().out
+  assert "* chosen" in printed and "| * |" in printed
+  config = json.loads((out / "plan.json").read_text())
+  assert config["chosen"]["memory_bytes"] <= 48 and config["metric"] == "ndcg@10"
+  assert (out / "frontier.png").stat().st_size > 1000
+  ix = tmp_path / "ix"
+  corpus = ["--corpus", str(EMB / "corpus.npy"), "--corpus-ids", str(EMB / "corpus_ids.txt")]
+  assert cli.main(["index", "build", *corpus, "--config", str(out / "plan.json"),
+                   "--out", str(ix)]) == 0
+  meta = json.loads((ix / "index.json").read_text())
+  assert meta["schedule"] == config["schedule"]
+  assert [(s["precision"], s["dims"]) for s in meta["stores"]] == [
+      (s["precision"], s["dims"]) for s in config["stores"]]
+  few = tmp_path / "q.npy"
+  np.save(few, np.load(EMB / "queries.npy")[:5])
+  assert cli.main(["index", "search", "--index", str(ix), "--queries", str(few),
+                   "--output", str(tmp_path / "run.tsv")]) == 0
+  assert len((tmp_path / "run.tsv").read_text().splitlines()) == 1 + 5 * 10
+  capsys.readouterr()
+  wrong = tmp_path / "wrong.npy"
+  np.save(wrong, np.ones((4, 8), np.float32))
+  assert cli.main(["index", "build", "--corpus", str(wrong), "--config", str(out / "plan.json"),
+                   "--out", str(tmp_path / "ix3")]) == 2
+  assert "planned for d=384, got an index of d=8" in capsys.readouterr().err
