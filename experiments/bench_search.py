@@ -69,6 +69,9 @@ class Config:
   # (unseen) still reach recall@10 >= 0.99 against full-size exact search.
   plan_target: float = 0.995
   parts: tuple[str, ...] = ("quality", "speed", "memory")
+  # Funnels timed and measured besides the planned one: a binary first stage
+  # (a store of packed sign bits, see adaptor/quant.py) rescored at full size.
+  more_schedules: tuple[str, ...] = ("256:1000:binary,768:10",)
   platforms: tuple[str, ...] = ("cpu",)  # "gpu": one more speed run, JAX on the GPU
   fit_steps: int | None = None           # None: library defaults
   numpy_repeats: int = 1                 # the slowest baseline; one timed run per dim
@@ -79,7 +82,8 @@ class Config:
 def smoke_config() -> Config:
   return Config(data=str(REPO / "data" / "scifact"), models=("all-MiniLM-L6-v2",),
                 plan_model="all-MiniLM-L6-v2", n_docs=20_000, d=384, n_queries=100,
-                dims=(64, 384), repeats=2, fit_steps=30, out="results/bench_search-smoke")
+                dims=(64, 384), repeats=2, fit_steps=30, out="results/bench_search-smoke",
+                more_schedules=("256:400:binary,384:10",))
 
 
 # ---------------------------------------------------------------- helpers
@@ -130,8 +134,26 @@ def _run_worker(cfg: Config, role: str, extra: dict, threads: str, platform: str
     return json.loads(out.read_text())
 
 
-def _parse_schedule(text: str) -> list[list[int]]:
-  return [[int(v) for v in stage.split(":")] for stage in text.split(",") if stage.strip()]
+def _parse_schedule(text: str) -> list[list]:
+  """'256:1000:binary,768:10' -> [[256, 1000, 'binary'], [768, 10]]."""
+  stages = []
+  for stage in text.split(","):
+    if stage.strip():
+      parts = stage.strip().split(":")
+      stages.append([int(parts[0]), int(parts[1])] + parts[2:3])
+  return stages
+
+
+def _schedule_text(schedule) -> str:
+  return ",".join(":".join(str(v) for v in st if v != "float32") for st in schedule)
+
+
+def _with_stores(index, schedule) -> list[tuple]:
+  """The schedule as tuples, after adding the quantised stores its stages read."""
+  for stage in schedule:
+    if len(stage) == 3 and stage[2] != "float32":
+      index.add_store(stage[2], stage[0])
+  return [tuple(st) for st in schedule]
 
 
 def _machine() -> dict:
@@ -209,16 +231,19 @@ def worker_speed(cfg: Config, extra: dict, threads: str) -> dict:
         "agreement_with_faiss": _overlap(rows, faiss_rows)}
     print(f"[threads={threads}] exact dim {dim}: ours {ours:.2f}s faiss {t_faiss:.2f}s "
           f"numpy {t_numpy:.2f}s", flush=True)
-  schedule = [tuple(s) for s in extra["schedule"]]
-  index.search_rows(queries, k, schedule=schedule, adapted=True)   # compile
-  t = _median_time(lambda: index.search_rows(queries, k, schedule=schedule, adapted=True), reps)
-  _, rows = index.search_rows(queries, k, schedule=schedule, adapted=True)
   full = out["exact"][str(cfg.d)]
-  out["funnel"] = {"schedule": [list(s) for s in schedule], "s": t, "qps": cfg.n_queries / t,
-                   "speedup_vs_faiss_full": full["faiss_s"] / t if "faiss_s" in full else None,
-                   "speedup_vs_ours_full": full["ours_s"] / t,
-                   "synthetic_recall_vs_full": _overlap(rows, exact_rows[cfg.d])}
-  print(f"[threads={threads}] funnel {schedule}: {t:.2f}s", flush=True)
+  out["funnels"] = []
+  for schedule in [extra["schedule"]] + [_parse_schedule(t) for t in cfg.more_schedules]:
+    schedule = _with_stores(index, schedule)
+    index.search_rows(queries, k, schedule=schedule, adapted=True)   # compile
+    t = _median_time(lambda: index.search_rows(queries, k, schedule=schedule, adapted=True), reps)
+    _, rows = index.search_rows(queries, k, schedule=schedule, adapted=True)
+    out["funnels"].append({
+        "schedule": [list(s) for s in schedule], "s": t, "qps": cfg.n_queries / t,
+        "speedup_vs_faiss_full": full["faiss_s"] / t if "faiss_s" in full else None,
+        "speedup_vs_ours_full": full["ours_s"] / t,
+        "synthetic_recall_vs_full": _overlap(rows, exact_rows[cfg.d])})
+    print(f"[threads={threads}] funnel {_schedule_text(schedule)}: {t:.2f}s", flush=True)
   return out
 
 
@@ -286,7 +311,10 @@ def quality(cfg: Config) -> dict:
 
     for dim in fitted.dims:
       measure(f"exact {dim}", dim=dim)
-    measure("funnel " + ",".join(f"{m}:{c}" for m, c in plan.schedule), schedule=plan.schedule)
+    measure("funnel " + _schedule_text(plan.schedule), schedule=plan.schedule)
+    if model == cfg.plan_model:
+      for text in cfg.more_schedules:
+        measure("funnel " + text, schedule=_with_stores(index, _parse_schedule(text)))
     out[model] = {"rows": rows, "plan": plan.to_dict(), "plan_seconds": plan_s,
                   "n_docs": index.n, "n_test_queries": len(q), "d": d}
     print(f"{model}: planned {plan.schedule} (validation recall {plan.recall:.4f}, "
@@ -318,23 +346,20 @@ def _tables(cfg: Config, res: dict) -> str:
                      f"{_fmt(r.get('faiss_qps'), '.1f')} | {_fmt(r.get('numpy_qps'), '.1f')} | "
                      f"{_fmt(r.get('ours_over_faiss_time'), '.2f')} | "
                      f"{_fmt(r.get('agreement_with_faiss'), '.4f')} |")
-    real = res.get("quality", {}).get(cfg.plan_model)
-    real_recall = None
-    if real:
-      funnel_name = [n for n in real["rows"] if n.startswith("funnel")][0]
-      real_recall = real["rows"][funnel_name]["recall@10_vs_full"]
-    lines += ["", "## 2. Funnel vs full-size exact search on the same corpus "
-              f"(schedule planned on SciFact/{cfg.plan_model})", "",
+    real = res.get("quality", {}).get(cfg.plan_model, {}).get("rows", {})
+    lines += ["", "## 2. Funnels vs full-size exact search on the same corpus "
+              f"(the first planned on SciFact/{cfg.plan_model})", "",
               "| threads | schedule | queries/s | speed-up vs faiss full | speed-up vs library full "
               "| recall@10 vs full (SciFact test, real) | recall@10 vs full (synthetic) |",
               "|---|---|---|---|---|---|---|"]
     for threads, sp in speed.items():
-      f = sp["funnel"]
-      stages = ",".join(f"{m}:{c}" for m, c in f["schedule"])
-      lines.append(f"| {threads} | {stages} | {f['qps']:.1f} | "
-                   f"{_fmt(f['speedup_vs_faiss_full'], '.1f', 'x')} | "
-                   f"{f['speedup_vs_ours_full']:.1f}x | {_fmt(real_recall, '.4f')} | "
-                   f"{f['synthetic_recall_vs_full']:.4f} |")
+      for f in sp["funnels"]:
+        stages = _schedule_text(f["schedule"])
+        real_recall = real.get("funnel " + stages, {}).get("recall@10_vs_full")
+        lines.append(f"| {threads} | {stages} | {f['qps']:.1f} | "
+                     f"{_fmt(f['speedup_vs_faiss_full'], '.1f', 'x')} | "
+                     f"{f['speedup_vs_ours_full']:.1f}x | {_fmt(real_recall, '.4f')} | "
+                     f"{f['synthetic_recall_vs_full']:.4f} |")
   for model, q in res.get("quality", {}).items():
     plan = q["plan"]
     lines += ["", f"## 3. SciFact / {model}: adapted embeddings, {q['n_docs']} docs, "
@@ -369,6 +394,10 @@ def main(argv=None):
                       help="one more speed run with JAX on the GPU (FAISS stays on the CPU)")
   parser.add_argument("--repeats", type=int, help="timed repeats per measurement")
   parser.add_argument("--threads", help="CPU thread settings to time, in order: 1,all (default)")
+  parser.add_argument("--dims", help="exact-search dims to time, e.g. 64,256,768 (the full d "
+                      "is always needed: the funnels are compared with it)")
+  parser.add_argument("--also", action="append", help="another funnel to time and measure, e.g. "
+                      "256:1000:binary,768:10 (repeatable; replaces the default extra funnels)")
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   parser.add_argument("--payload", help=argparse.SUPPRESS)
   parser.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -396,6 +425,10 @@ def main(argv=None):
       parser.error(f"--parts takes quality, speed and memory, got {sorted(unknown)}")
   if args.gpu:  # First: the GPU run is the shortest.
     cfg.platforms = ("gpu", "cpu")
+  if args.dims:
+    cfg.dims = tuple(sorted({int(v) for v in args.dims.split(",") if v.strip()} | {cfg.d}))
+  if args.also:
+    cfg.more_schedules = tuple(args.also)
   if args.threads:
     cfg.threads = tuple(t.strip() for t in args.threads.split(",") if t.strip())
     if set(cfg.threads) - {"1", "all"}:
