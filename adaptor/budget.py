@@ -329,13 +329,8 @@ def plot_frontier(candidates, frontier, choice, path, *, convention="first-stage
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, loc="lower right")
-  fig.tight_layout()
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp)
-  plt.close(fig)
-  os.replace(tmp, path)
+  from adaptor.evaluation import save_figure
+  save_figure(fig, path)
 
 
 def _overlap(found: np.ndarray, reference: np.ndarray) -> float:

@@ -105,6 +105,13 @@ def plot(results: dict, path, *, metric: str = "ndcg@10", title: str = "") -> No
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend()
+  save_figure(fig, path)
+
+
+def save_figure(fig, path) -> None:
+  """Writes a matplotlib figure as PNG atomically (temporary file, then rename) and closes it."""
+  import matplotlib.pyplot as plt
+
   fig.tight_layout()
   path = os.fspath(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -26,31 +25,14 @@ import pytest
 from flax import nnx
 
 import adaptor
+from conftest import reap, subprocess_env
 
 
-def _reap(proc, log):
-  """Leaves `proc` dead and waited for and `log` closed, also when the test failed early."""
-  if proc.poll() is None:  # A failure before the kill: do not leave the child running.
-    proc.kill()
-  proc.wait()
-  log.close()
-
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  cache = tmp_path_factory.mktemp("xla-cache")
-  return {
-      **os.environ,
-      "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-      "JAX_PLATFORMS": "cpu",
-      "JAX_COMPILATION_CACHE_DIR": str(cache),
-      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-      "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
-  }
+def env(xla_cache):
+  return subprocess_env(xla_cache, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
 
 
 def _kill_seed() -> int:
@@ -103,7 +85,7 @@ def test_fit_killed_after_a_step_checkpoint_resumes_to_identical_parameters(tmp_
     time.sleep(np.random.default_rng(seed).uniform(0, 0.3))
     proc.send_signal(signal.SIGKILL)
   finally:
-    _reap(proc, log)
+    reap(proc, log)
   assert proc.returncode == -signal.SIGKILL, (seed, proc.returncode)
   assert not out.exists(), f"the fit finished before the kill (seed {seed}); raise --steps"
   # Tag the validation history the killed run checkpointed: a rerun that
@@ -134,6 +116,28 @@ def test_fit_killed_after_a_step_checkpoint_resumes_to_identical_parameters(tmp_
   assert res_stage["kept_step"] == ref_stage["kept_step"]
 
 
+def _kill_save_loop(code: str, path, log_path, seed: int, env) -> int:
+  """Runs `code`, which saves version 0, 1, ... to `path` and prints each once saved;
+  SIGKILLs it at a random moment within two save periods after its third save; returns
+  the last version it reported saved."""
+  log = open(log_path, "w+")  # A file: an unread stderr pipe could fill up.
+  proc = subprocess.Popen([sys.executable, "-c", code, str(path)], env=env,
+                          stdout=subprocess.PIPE, stderr=log, text=True)
+  try:
+    stamps = []
+    for _ in range(3):
+      if not proc.stdout.readline():
+        log.seek(0)
+        raise AssertionError(f"the saving process died: {log.read()}")
+      stamps.append(time.monotonic())
+    time.sleep(np.random.default_rng(seed).uniform(0, 2 * (stamps[2] - stamps[1])))
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    reap(proc, log)
+  rest = proc.stdout.read().split()
+  return int(rest[-1]) if rest else 2
+
+
 SAVE_LOOP = """
 import sys
 import jax.numpy as jnp
@@ -156,25 +160,7 @@ def test_adaptor_save_killed_at_a_random_moment_leaves_a_loadable_checkpoint(tmp
   root = tmp_path / "checkpoints"
   path = root / "ck"
   seed = _kill_seed()
-  log = open(tmp_path / "saver.log", "w+")  # A file: an unread stderr pipe could fill up.
-  proc = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, str(path)], env=env,
-                          stdout=subprocess.PIPE, stderr=log, text=True)
-  try:
-    # Two saves in, time the third, then kill within the next two save periods.
-    stamps = []
-    for _ in range(3):
-      line = proc.stdout.readline()
-      if not line:
-        log.seek(0)
-        raise AssertionError(f"the saving process died: {log.read()}")
-      stamps.append(time.monotonic())
-    period = stamps[2] - stamps[1]
-    time.sleep(np.random.default_rng(seed).uniform(0, 2 * period))
-    proc.send_signal(signal.SIGKILL)
-  finally:
-    _reap(proc, log)
-  rest = proc.stdout.read().split()
-  last = int(rest[-1]) if rest else 2
+  last = _kill_save_loop(SAVE_LOOP, path, tmp_path / "saver.log", seed, env)
 
   leftovers = sorted(p.name for p in root.iterdir() if p.name != "ck")
   model = adaptor.load(path)  # Moves the old checkpoint back if killed between renames.
@@ -222,24 +208,7 @@ def test_index_save_killed_at_a_random_moment_leaves_the_previous_index_loadable
   root = tmp_path / "indexes"
   path = root / "ix"
   seed = _kill_seed()
-  log = open(tmp_path / "index-saver.log", "w+")
-  proc = subprocess.Popen([sys.executable, "-c", INDEX_SAVE_LOOP, str(path)], env=env,
-                          stdout=subprocess.PIPE, stderr=log, text=True)
-  try:
-    stamps = []
-    for _ in range(3):
-      line = proc.stdout.readline()
-      if not line:
-        log.seek(0)
-        raise AssertionError(f"the saving process died: {log.read()}")
-      stamps.append(time.monotonic())
-    period = stamps[2] - stamps[1]
-    time.sleep(np.random.default_rng(seed).uniform(0, 2 * period))
-    proc.send_signal(signal.SIGKILL)
-  finally:
-    _reap(proc, log)
-  rest = proc.stdout.read().split()
-  last = int(rest[-1]) if rest else 2
+  last = _kill_save_loop(INDEX_SAVE_LOOP, path, tmp_path / "index-saver.log", seed, env)
 
   index = MatryoshkaIndex.load(path)  # Moves the old index back if killed between renames.
   version = int(index.ids[0].split("-")[0][1:])

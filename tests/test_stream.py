@@ -20,6 +20,7 @@ import pytest
 from flax import nnx
 
 import adaptor
+from conftest import reap, subprocess_env
 from adaptor import stream
 from adaptor.cli import main
 from adaptor.data import InputError
@@ -27,7 +28,6 @@ from adaptor.model import MatryoshkaAdaptor
 
 D = 8
 BATCH = 4
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _adaptor(d=D, hidden=5, seed=0):
@@ -335,27 +335,12 @@ def test_cli_streams_into_a_directory_and_refuses_another_run(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(xla_cache):
   # As in tests/test_faults.py, minus JAX_DISABLE_MOST_OPTIMIZATIONS: the
   # uninterrupted reference run happens in this process, with default XLA
   # options, and the subprocesses must compile the very same program (it
   # compiles in well under a second anyway).
-  cache = tmp_path_factory.mktemp("xla-cache")
-  return {
-      **os.environ,
-      "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-      "JAX_PLATFORMS": "cpu",
-      "JAX_COMPILATION_CACHE_DIR": str(cache),
-      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-  }
-
-
-def _reap(proc, log):
-  if proc.poll() is None:  # A failure before the kill: do not leave the child running.
-    proc.kill()
-  proc.wait()
-  log.close()
+  return subprocess_env(xla_cache)
 
 
 def _complete_shards(manifest_path) -> int:
@@ -402,7 +387,7 @@ def test_cli_killed_mid_run_resumes_to_byte_identical_output(tmp_path, env):
     time.sleep(np.random.default_rng(seed).uniform(0, 0.02))
     proc.send_signal(signal.SIGKILL)
   finally:
-    _reap(proc, log)
+    reap(proc, log)
   assert proc.returncode == -signal.SIGKILL, (seed, proc.returncode)
   done = _complete_shards(out / "manifest.json")
   assert 1 <= done < 39, f"kill seed {seed}: {done} shards done; the run ended before the kill"
