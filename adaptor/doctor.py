@@ -47,6 +47,8 @@ def check_file(path, *, column: str | None = None, ids=None) -> list[str]:
   every duplicate id. A checkpoint directory (one holding COMPLETE,
   config.json or params/) is checked for its marker, config, format and
   library version, adaptor section, and readable arrays of the right shapes.
+  A search index (index.json) or a streamed apply output (manifest.json) is
+  read as its loader reads it, every file checked against its metadata.
 
   Args:
     path: the file or directory.
@@ -67,6 +69,12 @@ def _inspect(path, *, column=None, ids=None) -> tuple[str, list[str]]:
                        for p in path.parent.glob(f"{glob.escape(path.name)}.{kind}-*"))
     hint = f" (an interrupted save left {leftovers})" if leftovers else ""
     return "no such file or directory", [f"{path} does not exist{hint}"]
+  # An index and an apply output hold a COMPLETE marker or a manifest too;
+  # their own metadata file says what they are.
+  if path.is_dir() and (path / "index.json").is_file():
+    return _inspect_loaded(path, "index")
+  if path.is_dir() and (path / "manifest.json").is_file():
+    return _inspect_loaded(path, "apply output")
   if path.is_dir() and any((path / f).exists() for f in _CHECKPOINT_FILES):
     if column is not None or ids is not None:
       return "a checkpoint", [f"{path} is a checkpoint directory; --column and --ids apply "
@@ -212,6 +220,24 @@ def _inspect_checkpoint(path: Path) -> tuple[str, list[str]]:
   return summary, problems
 
 
+def _inspect_loaded(path: Path, kind: str) -> tuple[str, list[str]]:
+  """A search index or a streamed apply output, read as its loader reads it."""
+  from adaptor.checkpoint import CheckpointError
+  try:
+    if kind == "index":
+      from adaptor.index import MatryoshkaIndex
+      index = MatryoshkaIndex.load(path)
+      stores = ", ".join(f"{p} {m}" for p, m in sorted(index.stores)) or "none"
+      return (f"a search index ({index.n} x {index.d} {index.precision}, adaptor: "
+              f"{'yes' if index.adaptor is not None else 'no'}, quantised stores: {stores})"), []
+    from adaptor.stream import read_shards
+    vectors, ids = read_shards(path)
+    return (f"a streamed apply output ({vectors.shape[0]} x {vectors.shape[1]} "
+            f"{vectors.dtype}, ids: {'yes' if ids is not None else 'no'})"), []
+  except (ValueError, OSError, KeyError, CheckpointError) as e:
+    return f"a {kind}", [str(e)]
+
+
 def _abstract_params(cfg):
   from flax import nnx
 
@@ -246,12 +272,14 @@ def add_check_command(subparsers) -> argparse.ArgumentParser:
   when it lists problems.
   """
   p = subparsers.add_parser(
-      "check", help="list every problem of an embeddings file or a checkpoint",
-      description="Reads an embeddings file (.npy, .npz, .parquet, saved dataset) or an "
-                  "adaptor checkpoint directory and lists every problem found; exits 0 if "
-                  "there are none, 2 otherwise.",
+      "check", help="list every problem of an embeddings file, checkpoint, index or apply output",
+      description="Reads an embeddings file (.npy, .npz, .parquet, saved dataset), an "
+                  "adaptor checkpoint directory, a search index or a streamed apply output "
+                  "directory and lists every problem found; exits 0 if there are none, 2 "
+                  "otherwise.",
       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("path", metavar="FILE", help="embeddings file/dataset or checkpoint directory")
+  p.add_argument("path", metavar="FILE",
+                 help="embeddings file/dataset, checkpoint, index or apply-output directory")
   p.add_argument("--column", help="embedding column/array name (npz, parquet, HF datasets)")
   p.add_argument("--ids", help="text file with one id per row, checked against FILE")
   p.set_defaults(handler=run_check)

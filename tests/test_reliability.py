@@ -652,3 +652,30 @@ def test_check_through_the_cli_when_wired(tmp_path, capsys):
   assert main(["check", str(tmp_path / "good.npy")]) == 0
   assert main(["check", str(tmp_path / "bad.npy")]) == 2
   assert "1 row with NaN" in capsys.readouterr().out
+
+
+def test_check_reads_indexes_and_apply_outputs_and_names_a_damaged_file(ckpt, tmp_path, capsys):
+  from adaptor.index import MatryoshkaIndex
+  from adaptor.stream import apply_files
+
+  rng = np.random.default_rng(0)
+  corpus = rng.normal(size=(40, 8)).astype(np.float32)
+  MatryoshkaIndex.build(corpus, stores={"binary": 8}).save(tmp_path / "ix")
+  rc, out = _run_check([tmp_path / "ix"], capsys)
+  assert rc == 0 and "OK, a search index (40 x 8 float32, adaptor: no, quantised stores: binary 8)" in out
+  np.save(tmp_path / "in.npy", corpus)
+  apply_files(adaptor.load(ckpt), [str(tmp_path / "in.npy")], tmp_path / "out", dim=4,
+              shard_rows=16, quiet=True)
+  rc, out = _run_check([tmp_path / "out"], capsys)
+  assert rc == 0 and "OK, a streamed apply output (40 x 4 float32, ids: no)" in out
+
+  # Damage one file of each: the report names it (before, the index passed as a checkpoint).
+  vectors = tmp_path / "ix" / "vectors.npy"
+  vectors.write_bytes(vectors.read_bytes()[:-64])
+  problems = doctor.check_file(tmp_path / "ix")
+  assert len(problems) == 1 and "vectors.npy" in problems[0], problems
+  shard = tmp_path / "out" / "part-00001.npy"
+  shard.write_bytes(shard.read_bytes()[:-8])
+  problems = doctor.check_file(tmp_path / "out")
+  assert len(problems) == 1 and "part-00001.npy" in problems[0], problems
+  assert _run_check([tmp_path / "out"], capsys)[0] == 2
