@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -40,6 +39,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from common import peak_rss_bytes, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -69,13 +70,6 @@ def smoke_config() -> Config:
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _peak_rss_bytes() -> int:
-  for line in open("/proc/self/status"):
-    if line.startswith("VmHWM:"):
-      return int(line.split()[1]) * 1024
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _rss_bytes() -> int:
@@ -197,7 +191,7 @@ def worker_rss(cfg: Config, extra: dict) -> dict:
                          batch_size=cfg.batch_size, quiet=True, overwrite=True)
   seconds = time.perf_counter() - t
   return {"rows": m["rows"], "seconds": seconds, "vectors_per_s": m["rows"] / seconds,
-          "rss_before": baseline, "peak_rss": _peak_rss_bytes(),
+          "rss_before": baseline, "peak_rss": peak_rss_bytes(),
           "input_bytes": sum(os.path.getsize(f) for f in extra["files"])}
 
 
@@ -268,7 +262,6 @@ def main(argv=None):
     cfg.out = args.out
   if args.workdir:
     cfg.workdir = args.workdir
-  from adaptor.evaluation import write_json
 
   t0 = time.perf_counter()
   res = {"config": dataclasses.asdict(cfg)}
@@ -295,9 +288,7 @@ def main(argv=None):
   res["seconds"] = time.perf_counter() - t0
   table = _tables(cfg, res)
   print("\n" + table + f"\n\n(total {res['seconds']:.0f} s)")
-  write_json(res, os.path.join(cfg.out, "results.json"))
-  Path(cfg.out, "tables.md").write_text(table + "\n")
-  print(f"wrote {cfg.out}/results.json and {cfg.out}/tables.md")
+  write_results(cfg.out, res, table)
   return 0
 
 

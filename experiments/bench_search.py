@@ -37,7 +37,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -46,11 +45,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common import SINGLE_THREAD_ENV, median_time, peak_rss_bytes, write_results
+
 REPO = Path(__file__).resolve().parents[1]
-SINGLE_THREAD_ENV = {
-    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
-    "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-}
 
 
 @dataclasses.dataclass
@@ -89,25 +86,9 @@ def smoke_config() -> Config:
 # ---------------------------------------------------------------- helpers
 
 
-def _median_time(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
-
-
 def _overlap(found, reference) -> float:
   k = reference.shape[1]
   return float(np.mean((found[:, :, None] == reference[:, None, :]).any(2).sum(1) / k))
-
-
-def _peak_rss_bytes() -> int:
-  for line in open("/proc/self/status"):
-    if line.startswith("VmHWM:"):
-      return int(line.split()[1]) * 1024
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _synthetic(cfg: Config, n: int, salt: int) -> np.ndarray:
@@ -193,7 +174,7 @@ def worker_speed(cfg: Config, extra: dict, threads: str) -> dict:
   for dim in cfg.dims:
     index.prefix_inv_norms(dim)
     index.search_rows(queries, k, dim=dim, adapted=True)   # compile
-    ours = _median_time(lambda: index.search_rows(queries, k, dim=dim, adapted=True), reps)
+    ours = median_time(lambda: index.search_rows(queries, k, dim=dim, adapted=True), reps)
     _, rows = index.search_rows(queries, k, dim=dim, adapted=True)
     exact_rows[dim] = rows
     if not on_cpu:  # FAISS and numpy run on the CPU: the CPU runs time them.
@@ -207,7 +188,7 @@ def worker_speed(cfg: Config, extra: dict, threads: str) -> dict:
     flat = faiss.IndexFlatIP(dim)
     flat.add(prefix)
     flat.search(q[:10], k)
-    t_faiss = _median_time(lambda: flat.search(q, k), reps)
+    t_faiss = median_time(lambda: flat.search(q, k), reps)
     _, faiss_rows = flat.search(q, k)
     del flat
 
@@ -222,7 +203,7 @@ def worker_speed(cfg: Config, extra: dict, threads: str) -> dict:
         top = np.argpartition(-cs, k, axis=1)[:, :k]
         best_s, best_i = np.take_along_axis(cs, top, 1), np.take_along_axis(ci, top, 1)
       return best_s, best_i
-    t_numpy = _median_time(numpy_search, cfg.numpy_repeats)
+    t_numpy = median_time(numpy_search, cfg.numpy_repeats)
     del prefix
     out["exact"][str(dim)] = {
         "ours_qps": cfg.n_queries / ours, "faiss_qps": cfg.n_queries / t_faiss,
@@ -236,7 +217,7 @@ def worker_speed(cfg: Config, extra: dict, threads: str) -> dict:
   for schedule in [extra["schedule"]] + [_parse_schedule(t) for t in cfg.more_schedules]:
     schedule = _with_stores(index, schedule)
     index.search_rows(queries, k, schedule=schedule, adapted=True)   # compile
-    t = _median_time(lambda: index.search_rows(queries, k, schedule=schedule, adapted=True), reps)
+    t = median_time(lambda: index.search_rows(queries, k, schedule=schedule, adapted=True), reps)
     _, rows = index.search_rows(queries, k, schedule=schedule, adapted=True)
     out["funnels"].append({
         "schedule": [list(s) for s in schedule], "s": t, "qps": cfg.n_queries / t,
@@ -264,7 +245,7 @@ def worker_memory(cfg: Config, extra: dict, threads: str) -> dict:
     index.search_rows(queries, cfg.k, adapted=True)
     index.search_rows(queries, cfg.k, schedule=[tuple(s) for s in extra["schedule"]],
                       adapted=True)
-  return {"peak_rss": _peak_rss_bytes(), "index_bytes": index.nbytes,
+  return {"peak_rss": peak_rss_bytes(), "index_bytes": index.nbytes,
           "vector_bytes": index.vectors.nbytes}
 
 
@@ -302,7 +283,7 @@ def quality(cfg: Config) -> dict:
 
     def measure(name, **how):
       index.search_rows(q, cfg.k, adapted=True, **how)
-      t = _median_time(lambda: index.search_rows(q, cfg.k, adapted=True, **how), cfg.repeats)
+      t = median_time(lambda: index.search_rows(q, cfg.k, adapted=True, **how), cfg.repeats)
       scores, found = index.search_rows(q, cfg.k, adapted=True, **how)
       metrics = adaptor.evaluate_topk(found, scores, test_ids, data.corpus.ids, qrels,
                                       k_values=(cfg.k,))
@@ -435,7 +416,6 @@ def main(argv=None):
       parser.error(f"--threads takes 1 and all, got {args.threads!r}")
   if args.repeats:
     cfg.repeats = args.repeats
-  from adaptor.evaluation import write_json
   t0 = time.perf_counter()
   res = {"config": dataclasses.asdict(cfg), "machine": _machine()}
   if "quality" in cfg.parts:
@@ -464,9 +444,7 @@ def main(argv=None):
   res["seconds"] = time.perf_counter() - t0
   table = _tables(cfg, res)
   print("\n" + table + f"\n\n(total {res['seconds']:.0f} s)")
-  write_json(res, os.path.join(cfg.out, "results.json"))
-  Path(cfg.out, "tables.md").write_text(table + "\n")
-  print(f"wrote {cfg.out}/results.json and {cfg.out}/tables.md")
+  write_results(cfg.out, res, table)
   return 0
 
 

@@ -44,11 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common import SINGLE_THREAD_ENV, median_time, write_results
+
 REPO = Path(__file__).resolve().parents[1]
-SINGLE_THREAD_ENV = {
-    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
-    "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-}
 
 
 @dataclasses.dataclass
@@ -82,15 +80,6 @@ def smoke_config() -> Config:
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _median_time(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
 
 
 def st_recipe(corpus, queries, k: int, multiplier: int) -> tuple[np.ndarray, np.ndarray]:
@@ -327,7 +316,7 @@ def speed(cfg: Config) -> dict:
         run = functools.partial(index.search_rows, queries, cfg.k, dim=m, precision=precision,
                                 adapted=True)
       run()                                                     # compiles
-      sec = _median_time(run, cfg.speed_repeats)
+      sec = median_time(run, cfg.speed_repeats)
       out[str(m)][precision] = {"ms_per_query": 1000 * sec / cfg.n_queries,
                                 "bytes_per_vector": {"float32": 4 * m, "int8": m,
                                                      "binary": m / 8}[precision]}
@@ -402,9 +391,7 @@ def main(argv=None):
       tables.append("\n" + frontier_table(cfg, res, model_name, setting))
   table = "\n".join(tables)
   print(table + f"\n\n(total {res['seconds']:.0f} s)")
-  write_json(res, os.path.join(cfg.out, "results.json"))
-  Path(cfg.out, "tables.md").write_text(table + "\n")
-  print(f"wrote {cfg.out}/results.json, {cfg.out}/tables.md and {cfg.out}/frontier-*.png")
+  write_results(cfg.out, res, table, also=f" and {cfg.out}/frontier-*.png")
   return 0
 
 
