@@ -71,7 +71,10 @@ _MARKER = "COMPLETE"
 _PRECISIONS = {"float32": np.float32, "float16": np.float16}
 # Rows adapted, normalised and copied at a time when building or adding.
 _BUILD_ROWS = 65536
-_aligned_empty = quant.aligned_empty
+# Float funnels whose first stage reads at most max(this, d / 8) dims scan a
+# contiguous normalised copy of that prefix (see MatryoshkaIndex._first_stage).
+_FIRST_STAGE_MIN = 32
+_aligned_empty = search_lib.aligned_empty
 
 
 def _adaptor_fingerprint(model) -> str:
@@ -123,6 +126,9 @@ class MatryoshkaIndex:
       self.schedule = quant.check_schedule(schedule, self.d, n_docs=self.n)
     self._row_of = None
     self._device = None
+    # Derived device arrays, made on first use: ("norms", m) inverse prefix
+    # norms and ("prefix", m) normalised first-stage copies (see _first_stage).
+    self._derived = {}
 
   # ------------------------------------------------------------ properties
 
@@ -145,9 +151,10 @@ class MatryoshkaIndex:
 
   @property
   def nbytes(self) -> int:
-    """Bytes held by the vectors, prefix norms and quantised stores."""
+    """Bytes held by the vectors, prefix norms, quantised stores and first-stage copies."""
     return (self.vectors.nbytes + sum(v.nbytes for v in self._inv_norms.values())
-            + sum(st.nbytes for st in self._stores.values()))
+            + sum(st.nbytes for st in self._stores.values())
+            + sum(v.nbytes for key, v in self._derived.items() if key[0] == "prefix"))
 
   @property
   def stores(self) -> dict:
@@ -260,7 +267,7 @@ class MatryoshkaIndex:
   def _stage_data(self, precision: str, dim: int):
     """The arrays a funnel stage reads (see quant.first_stage)."""
     if precision == "float32":
-      return (self._corpus(), jnp.asarray(self.prefix_inv_norms(dim)))
+      return (self._corpus(), self._device_norms(dim))
     return self.store_for(precision, dim).stage_data(dim)
 
   def _view(self) -> "MatryoshkaIndex":
@@ -268,7 +275,7 @@ class MatryoshkaIndex:
     view = MatryoshkaIndex(self.vectors, self.ids, adaptor=self.adaptor, precision=self.precision,
                            inv_norms=self._inv_norms, block_size=self.block_size,
                            stores=self._stores, schedule=self.schedule)
-    view._device, view._row_of = self._device, self._row_of
+    view._device, view._row_of, view._derived = self._device, self._row_of, self._derived
     return view
 
   def _prepared(self, x, ids, *, name, ids_name, first_id: int = 0):
@@ -312,6 +319,7 @@ class MatryoshkaIndex:
     self.vectors, self.ids, self._inv_norms, self._stores = vectors, ids, norms, stores
     self._row_of = None
     self._device = None
+    self._derived = {}
 
   # ------------------------------------------------------------ lookups
 
@@ -347,6 +355,28 @@ class MatryoshkaIndex:
     if self._device is None:
       self._device = jax.device_put(self.vectors)  # Aliases the aligned buffer on CPU.
     return self._device
+
+  def _device_norms(self, dim: int) -> jax.Array:
+    """`prefix_inv_norms(dim)` on the device, copied there once."""
+    key = ("norms", dim)
+    if key not in self._derived:
+      self._derived[key] = jax.device_put(self.prefix_inv_norms(dim))
+    return self._derived[key]
+
+  def _first_stage(self, dim: int):
+    """The normalised contiguous `dim`-prefix a float funnel's first stage scans.
+
+    Made on first use and kept (n * dim float32s), for prefixes up to
+    max(32, d / 8) dims; None for longer ones, whose first stage reads the
+    full-size rows (a copy would cost more memory than it saves time).
+    """
+    if dim > max(_FIRST_STAGE_MIN, self.d // 8):
+      return None
+    key = ("prefix", dim)
+    if key not in self._derived:
+      self._derived[key] = jax.device_put(search_lib.normalized_prefix(
+          self.vectors, dim, inv_norms=self.prefix_inv_norms(dim)))
+    return self._derived[key]
 
   # ------------------------------------------------------------ search
 
@@ -387,15 +417,16 @@ class MatryoshkaIndex:
       dim = self.d if dim is None else search_lib.check_dim(dim, self.d)
       if precision in (None, "float32"):
         return search_lib.search(q, self._corpus(), k, dim=dim, block_size=block,
-                                 query_batch=query_batch, inv_norms=self.prefix_inv_norms(dim))
+                                 query_batch=query_batch, inv_norms=self._device_norms(dim))
       stages = quant.check_schedule([(dim, k, precision)], self.d, n_docs=self.n, k=k)
     else:
       stages = quant.check_schedule(schedule, self.d, n_docs=self.n, k=k)
       if all(p == "float32" for _, _, p in stages):
         pairs = tuple((m, c) for m, c, _ in stages)
-        norms = {m: self.prefix_inv_norms(m) for m, _ in pairs}
+        norms = {m: self._device_norms(m) for m, _ in pairs}
         return search_lib.funnel_search(q, self._corpus(), pairs, k=k, inv_norms=norms,
-                                        block_size=block, query_batch=query_batch)
+                                        block_size=block, query_batch=query_batch,
+                                        first_stage=self._first_stage(pairs[0][0]))
     block, query_batch = search_lib.default_sizes(stages[0][0], self.n, q.shape[0], block_size=block,
                                                   query_batch=query_batch)
     return quant.funnel(np.asarray(q, np.float32), stages, self._stage_data, k=k,

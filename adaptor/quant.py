@@ -64,9 +64,11 @@ import numpy as np
 
 from adaptor.data import InputError
 
+
 # The module, not the `adaptor.search` function that adaptor/__init__.py exports
 # under the same name.
 search_lib = importlib.import_module("adaptor.search")
+aligned_empty = search_lib.aligned_empty
 
 PRECISIONS = ("float32", "int8", "binary")
 QUANTISED = ("int8", "binary")
@@ -84,21 +86,6 @@ _GATHER_BYTES = 2**20
 # (1024 rows: 1 MiB of int32 scores; 1.2x faster than 16384), int8 matmuls
 # gain nothing beyond 4096 rows.
 _MAX_BLOCK = {"binary": 1024, "int8": 4096}
-_ALIGN = 4096
-
-
-def aligned_empty(shape, dtype) -> np.ndarray:
-  """An uninitialised array whose data starts on a 4 KiB boundary.
-
-  jax.device_put aliases such a buffer on CPU instead of copying it, so an
-  index holds one copy of its vectors and stores, not two.
-  """
-  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-  raw = np.empty(nbytes + _ALIGN, np.uint8)
-  offset = (-raw.ctypes.data) % _ALIGN
-  return raw[offset:offset + nbytes].view(dtype).reshape(shape)
-
-
 def check_precision(precision, *, name: str = "precision") -> str:
   if precision not in PRECISIONS:
     raise InputError(f"{name} must be one of {list(PRECISIONS)}, got {precision!r}")

@@ -141,6 +141,53 @@ def prefix_inv_norms(corpus, dim: int, *, block_size: int = 65536) -> np.ndarray
   return out
 
 
+def normalized_prefix(corpus, dim: int, *, inv_norms=None, block_size: int = 65536) -> np.ndarray:
+  """A contiguous float32 copy of the first `dim` columns, each row re-normalised.
+
+  Funnel search reads it in its first stage instead of the strided prefix of
+  the full-size rows (measured on CPU, 1M docs: 15-25% faster at 16-64 dims),
+  at the cost of n * dim * 4 bytes; an index makes it once and keeps it.
+
+  Args:
+    corpus: vectors, with shape [n, d] (float32 or float16).
+    dim: prefix length in [1, d].
+    inv_norms: optional `prefix_inv_norms(corpus, dim)`, with shape [n].
+    block_size: rows converted at a time; bounds the temporaries.
+
+  Returns:
+    np.ndarray float32 [n, dim], aligned so that `jax.device_put` does not copy
+    it on CPU; rows whose prefix is all zeros stay zero.
+  """
+  if getattr(corpus, "ndim", None) != 2:
+    raise ValueError(f"corpus must be 2-D [n, d], got shape {getattr(corpus, 'shape', None)}")
+  dim = check_dim(dim, corpus.shape[1])
+  inv = prefix_inv_norms(corpus, dim) if inv_norms is None else np.asarray(inv_norms, np.float32)
+  if inv.shape != (corpus.shape[0],):
+    raise ValueError(f"inv_norms must have shape ({corpus.shape[0]},), got {inv.shape}")
+  host = np.asarray(corpus)
+  out = aligned_empty((host.shape[0], dim), np.float32)
+  for start in range(0, host.shape[0], block_size):
+    stop = start + block_size
+    np.multiply(host[start:stop, :dim], inv[start:stop, None], out=out[start:stop],
+                dtype=np.float32)
+  return out
+
+
+_ALIGN = 4096
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+  """An uninitialised array whose data starts on a 4 KiB boundary.
+
+  jax.device_put aliases such a buffer on CPU instead of copying it, so an
+  index holds one copy of its vectors and stores, not two.
+  """
+  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  raw = np.empty(nbytes + _ALIGN, np.uint8)
+  offset = (-raw.ctypes.data) % _ALIGN
+  return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
 # ---------------------------------------------------------------- exact top-k
 
 
@@ -481,12 +528,15 @@ def rerank(queries, corpus, candidates, keep: int, *, scale=None, presorted: boo
 
 
 @functools.partial(jax.jit, static_argnames=("schedule", "block_size"))
-def _funnel_batch(queries, corpus, scales, *, schedule, block_size):
+def _funnel_batch(queries, corpus, scales, first_stage, *, schedule, block_size):
   def prefix(m):
     return l2_normalize(queries[:, :m].astype(jnp.float32))
 
   m, keep = schedule[0]
-  scores, idx = blocked_top_k(prefix(m), corpus, keep, block_size=block_size, scale=scales[0])
+  if first_stage is None:
+    scores, idx = blocked_top_k(prefix(m), corpus, keep, block_size=block_size, scale=scales[0])
+  else:  # Already normalised rows: no per-document scaling.
+    scores, idx = blocked_top_k(prefix(m), first_stage, keep, block_size=block_size)
   for (m, keep), scale in zip(schedule[1:], scales[1:]):
     scores, idx = rerank(prefix(m), corpus, idx, keep, scale=scale)
   return scores, idx
@@ -501,6 +551,7 @@ def funnel_search(
     inv_norms: dict | None = None,
     block_size: int | None = None,
     query_batch: int | None = None,
+    first_stage=None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Adaptive retrieval: shortlist with a short prefix, re-rank with longer ones.
 
@@ -520,6 +571,9 @@ def funnel_search(
     block_size: corpus rows scored at a time in the first stage (default:
       by the first stage's dim, see `default_sizes`).
     query_batch: queries processed at a time (default: by the first stage's dim).
+    first_stage: optional `normalized_prefix(corpus, m1)` for the first
+      stage's dim m1, with shape [n_docs, m1]: the first stage scans it
+      instead of the full-size rows (faster; an index keeps one).
 
   Returns:
     (scores, indices), each with shape [n_queries, k], best first, scored at
@@ -538,10 +592,17 @@ def funnel_search(
     if tuple(np.shape(scale)) != (n_docs,):
       raise ValueError(f"inv_norms[{m}] must have shape ({n_docs},), got {np.shape(scale)}")
     scales.append(jnp.asarray(scale, jnp.float32))
+  if first_stage is not None:
+    want = (n_docs, schedule[0][0])
+    if tuple(np.shape(first_stage)) != want or first_stage.dtype != np.float32:
+      raise ValueError(f"first_stage must be float32 with shape {want} (the first stage's "
+                       f"normalised prefix), got {first_stage.dtype} {tuple(np.shape(first_stage))}")
+    first_stage = _as_corpus(first_stage)
   corpus = _as_corpus(corpus)
   out_s, out_i = [], []
   for q, n in _query_batches(queries, query_batch):
-    s, i = _funnel_batch(q, corpus, tuple(scales), schedule=schedule, block_size=block_size)
+    s, i = _funnel_batch(q, corpus, tuple(scales), first_stage, schedule=schedule,
+                         block_size=block_size)
     out_s.append(np.asarray(s[:n, :k]))
     out_i.append(np.asarray(i[:n, :k]))
   return np.concatenate(out_s), np.concatenate(out_i)
@@ -556,9 +617,7 @@ def schedule_cost(schedule, n_docs: int, *, rerank_weight: float = 4.0,
   each score costs about as much as 48 multiply-adds on CPU (measured: a
   16-dim pass takes ~1/15 of a 768-dim one, not 1/48). It then scores the
   members of the k1 best 32-document groups. Each later stage scores the
-  previous stage's survivors, weighted by `rerank_weight` because gathered
-  rows are scored by matrix-vector products, several times slower per
-  multiply-add than the blocked matmul. Full-size exact search is the
+  previous stage's survivors (`rerank_cost`). Full-size exact search is the
   one-stage schedule [(d, k)].
   """
   (m, keep), rest = schedule[0], schedule[1:]
@@ -567,6 +626,16 @@ def schedule_cost(schedule, n_docs: int, *, rerank_weight: float = 4.0,
     cost += rerank_weight * keep * _GROUP * m
   prev = keep
   for m, keep in rest:
-    cost += rerank_weight * prev * m
+    cost += rerank_cost(prev, m, keep, rerank_weight=rerank_weight)
     prev = keep
   return cost
+
+
+def rerank_cost(n_candidates: int, dim: int, keep: int, *, rerank_weight: float = 4.0) -> float:
+  """Estimated cost per query of re-ranking `n_candidates` at `dim` dims (see `schedule_cost`).
+
+  Gathered rows are scored by matrix-vector products, `rerank_weight` times
+  slower per multiply-add than the first stage's blocked matmul.
+  """
+  del keep
+  return rerank_weight * n_candidates * dim

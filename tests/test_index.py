@@ -80,6 +80,25 @@ def test_funnel_through_index_and_add():
     index.add(more[:2], ids=["3", "new"])
 
 
+def test_first_stage_copy_is_kept_and_renewed_by_add():
+  rng = np.random.default_rng(6)
+  corpus = rng.normal(size=(300, 16)).astype(np.float32)
+  index = MatryoshkaIndex.build(corpus)
+  q = rng.normal(size=(4, 16)).astype(np.float32)
+  index.prefix_inv_norms(4)
+  before = index.nbytes
+  _, rows = index.search_rows(q, 5, schedule=[(4, 40), (16, 5)])
+  assert index.nbytes == before + 300 * 4 * 4     # the kept float32 [n, 4] copy
+  # Documents equal to the queries must come first once added: a stale copy
+  # of the first stage would not see them.
+  index.add(q, ids=[f"q{i}" for i in range(4)])
+  scores, rows = index.search_rows(q, 5, schedule=[(4, 40), (16, 5)])
+  np.testing.assert_array_equal(rows[:, 0], 300 + np.arange(4))
+  np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-6)
+  whole = MatryoshkaIndex.build(np.concatenate([corpus, q]))
+  np.testing.assert_array_equal(rows, whole.search_rows(q, 5, schedule=[(4, 40), (16, 5)])[1])
+
+
 def test_save_load_round_trip_exactly(tmp_path, small_adaptor):
   rng = np.random.default_rng(3)
   corpus = rng.normal(size=(90, 12)).astype(np.float32)

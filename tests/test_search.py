@@ -94,8 +94,8 @@ def test_exact_search_errors():
 
 # ---------------------------------------------------------------- search, funnel
 
-from adaptor.search import (blocked_top_k, check_schedule, funnel_search, prefix_inv_norms,
-                            rerank, schedule_cost, search)
+from adaptor.search import (blocked_top_k, check_schedule, funnel_search, normalized_prefix,
+                            prefix_inv_norms, rerank, schedule_cost, search)
 
 
 def _brute_funnel(queries, corpus, schedule):
@@ -173,6 +173,33 @@ def test_funnel_matches_brute_force(schedule):
   # A one-stage funnel at full size is exact search.
   if len(schedule) == 1:
     _assert_same_topk(scores, idx, *search(queries, corpus, k))
+
+
+def test_normalized_prefix_is_truncate_contiguous():
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(300, 12)).astype(np.float32)
+  x[7, :5] = 0.0  # a zero prefix stays zero
+  for corpus in (x, x.astype(np.float16)):
+    p = normalized_prefix(corpus, 5, block_size=64)
+    assert p.dtype == np.float32 and p.shape == (300, 5) and p.flags.c_contiguous
+    np.testing.assert_allclose(p, np.asarray(truncate(jnp.asarray(corpus, jnp.float32), 5)),
+                               atol=1e-6)
+    assert not p[7].any()
+  with pytest.raises(ValueError, match=r"inv_norms must have shape \(300,\), got \(3,\)"):
+    normalized_prefix(x, 5, inv_norms=np.ones(3))
+
+
+@pytest.mark.parametrize("schedule", [[(4, 200), (16, 30), (32, 10)], [(8, 64), (32, 5)]])
+def test_funnel_first_stage_copy_matches_brute_force(schedule):
+  rng = np.random.default_rng(5)
+  corpus = rng.normal(size=(700, 32)).astype(np.float32)
+  queries = rng.normal(size=(5, 32)).astype(np.float32)
+  first = normalized_prefix(corpus, schedule[0][0])
+  scores, idx = funnel_search(queries, corpus, schedule, block_size=256, query_batch=2,
+                              first_stage=first)
+  _assert_same_topk(scores, idx, *_brute_funnel(queries, corpus, schedule))
+  with pytest.raises(ValueError, match=r"first_stage must be float32 with shape \(700, 4\)"):
+    funnel_search(queries, corpus, [(4, 10)], first_stage=first[:, :3])
 
 
 @pytest.mark.parametrize("jit", [False, True])
