@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import glob
 import io
 import json
 import os
@@ -125,6 +126,16 @@ def _create(path: str):
       if FileSystems.exists(tmp):
         FileSystems.delete([tmp])
       raise
+
+
+def _delete_stale_temporaries(output: str) -> None:
+  """Removes the temporary files of a killed run's writes (see `_create`) from `output`."""
+  if _is_local(output):
+    stale = glob.glob(os.path.join(glob.escape(output), ".tmp-*"))
+  else:
+    stale = _match_paths(FileSystems.join(output, "*.tmp-*"))
+  if stale:
+    FileSystems.delete(stale)
 
 
 def _match_paths(pattern: str) -> list[str]:
@@ -713,6 +724,7 @@ def run_pipeline(*, checkpoint, inputs, output, dim: int | None = None, dtype="f
   manifest = FileSystems.join(output, _MANIFEST)
   if FileSystems.exists(manifest):
     FileSystems.delete([manifest])
+  _delete_stale_temporaries(output)
   metadata = {"checkpoint": checkpoint, "dim": dim, "dtype": dtype,
               "library_version": adaptor.__version__}
   options = PipelineOptions(list(pipeline_args or []))

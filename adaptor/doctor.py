@@ -74,7 +74,13 @@ def _inspect(path, *, column=None, ids=None) -> tuple[str, list[str]]:
   if path.is_dir() and (path / "index.json").is_file():
     return _inspect_loaded(path, "index")
   if path.is_dir() and (path / "manifest.json").is_file():
+    if _is_beam_manifest(path / "manifest.json"):
+      return _inspect_beam_output(path)
     return _inspect_loaded(path, "apply output")
+  if path.is_dir() and (path / _BEAM_PARTS).is_dir():
+    return "an unfinished Beam output", [
+        f"{path} holds {_BEAM_PARTS}/ but no manifest.json: the pipeline writing it stopped "
+        "before the end; run it again with the same arguments to finish it"]
   if path.is_dir() and any((path / f).exists() for f in _CHECKPOINT_FILES):
     if column is not None or ids is not None:
       return "a checkpoint", [f"{path} is a checkpoint directory; --column and --ids apply "
@@ -236,6 +242,53 @@ def _inspect_loaded(path: Path, kind: str) -> tuple[str, list[str]]:
             f"{vectors.dtype}, ids: {'yes' if ids is not None else 'no'})"), []
   except (ValueError, OSError, KeyError, CheckpointError) as e:
     return f"a {kind}", [str(e)]
+
+
+_BEAM_PARTS = ".parts"  # adaptor.beam's intermediate parts, removed once a run finishes
+
+
+def _is_beam_manifest(path: Path) -> bool:
+  try:
+    files = json.loads(path.read_text()).get("files")
+  except (ValueError, OSError, AttributeError):
+    return False
+  return isinstance(files, list) and all(isinstance(f, dict) and "output" in f for f in files)
+
+
+def _inspect_beam_output(path: Path) -> tuple[str, list[str]]:
+  """An `adaptor.beam` output: every file the manifest lists, with its rows, dim and dtype."""
+  manifest = json.loads((path / "manifest.json").read_text())
+  problems = []
+  dim, dtype = manifest.get("dim"), manifest.get("dtype")
+  for entry in manifest["files"]:
+    out = Path(entry["output"])
+    out = out if out.is_absolute() else path / out.name
+    if not out.is_file():
+      out = path / out.name  # The folder may have moved since the run.
+    if not out.is_file():
+      problems.append(f"{path / out.name}: listed in manifest.json but missing")
+      continue
+    try:
+      if out.suffix == ".npy":
+        x = np.load(out, mmap_mode="r")
+        shape, got_dtype = x.shape, str(x.dtype)
+      else:
+        import pyarrow.parquet as pq
+        meta = pq.read_metadata(out)
+        shape, got_dtype = (meta.num_rows, dim), dtype
+    except (ValueError, OSError) as e:
+      problems.append(f"{out}: unreadable ({e})")
+      continue
+    want = (entry.get("rows"), dim)
+    if tuple(shape) != want:
+      problems.append(f"{out}: expected shape {want} (manifest.json), got {tuple(shape)}")
+    elif got_dtype != dtype:
+      problems.append(f"{out}: expected dtype {dtype} (manifest.json), got {got_dtype}")
+  if (path / _BEAM_PARTS).exists():
+    problems.append(f"{path / _BEAM_PARTS}: intermediate parts left behind (a later run of "
+                    "the same pipeline over this folder stopped before the end)")
+  return (f"a Beam apply output ({len(manifest['files'])} files, {manifest.get('rows')} rows, "
+          f"dim {dim}, {dtype})"), problems
 
 
 def _abstract_params(cfg):

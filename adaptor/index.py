@@ -670,8 +670,8 @@ class Plan:
       [(d, k)] if no cheaper candidate reached the target.
     recall: mean top-k overlap with full-size exact search on the validation
       queries (recall@k against full-size exact results).
-    cost: estimated multiply-add equivalents per query
-      (`search.schedule_cost`) at `corpus_size` documents.
+    cost: estimated ms per query on the reference CPU (`search.schedule_cost`)
+      at `corpus_size` documents.
     exact_cost: the same for full-size exact search, the schedule [(d, k)].
     speedup: exact_cost / cost.
     corpus_size: the corpus size the costs are estimated for.
@@ -718,7 +718,7 @@ def _rerank_np(q_by_dim, vectors, norms, cand, m, keep):
 def plan_schedule(index: MatryoshkaIndex, query_embeddings, *, k: int = 10,
                   target_recall: float = 0.99, first_dims=None, first_keeps=None,
                   middle_dims=None, middle_keeps=None, corpus_size: int | None = None,
-                  rerank_weight: float = 4.0, adapted: bool = False) -> Plan:
+                  adapted: bool = False) -> Plan:
   """Picks the cheapest funnel whose top-k matches full-size exact search often enough.
 
   Considers every two-stage schedule [(m1, K1), (d, k)] and three-stage
@@ -737,7 +737,6 @@ def plan_schedule(index: MatryoshkaIndex, query_embeddings, *, k: int = 10,
     middle_dims: candidate m2 (default: the first dims); m1 < m2 < d.
     middle_keeps: candidate K2 (default 20, 50, 100, 200); k <= K2 < K1.
     corpus_size: corpus size the costs are estimated for (default: the index's).
-    rerank_weight: see `search.schedule_cost`.
     adapted: the queries are already adapted vectors [n_q, d].
 
   Returns:
@@ -771,7 +770,7 @@ def plan_schedule(index: MatryoshkaIndex, query_embeddings, *, k: int = 10,
       schedules.append(((m1, k1), (d, k)))
       schedules += [((m1, k1), (m2, k2), (d, k)) for m2 in sorted(set(middle_dims))
                     for k2 in middle_keeps if m1 < m2 < d and k2 < k1]
-  cost = lambda sch: search_lib.schedule_cost(sch, corpus_size, rerank_weight=rerank_weight)
+  cost = lambda sch: search_lib.schedule_cost(sch, corpus_size)
   exact_cost = cost(((d, k),))
   # Only funnels estimated cheaper than full-size exact search are worth trying.
   schedules = sorted((sch for sch in schedules if cost(sch) < exact_cost), key=cost)
@@ -906,7 +905,7 @@ def _cmd_plan(args):
                        corpus_size=args.corpus_size)
   stages = ",".join(f"{m}:{c}" for m, c in plan.schedule)
   print(f"schedule {stages}  recall@{args.k} vs full exact {plan.recall:.4f}  "
-        f"est. cost {plan.cost:.3g} multiply-adds/query ({plan.speedup:.1f}x cheaper than "
+        f"est. {plan.cost:.3g} ms/query on the reference CPU ({plan.speedup:.1f}x cheaper than "
         f"full-size exact at {plan.corpus_size} docs; {len(plan.candidates)} candidates tried)")
   if args.out:
     write_json(plan.to_dict(), args.out)

@@ -608,34 +608,49 @@ def funnel_search(
   return np.concatenate(out_s), np.concatenate(out_i)
 
 
-def schedule_cost(schedule, n_docs: int, *, rerank_weight: float = 4.0,
-                  per_doc_overhead: float = 48.0) -> float:
-  """Estimated cost per query of a funnel schedule, in multiply-add equivalents.
+# The funnel cost model: milliseconds per query on the CPU it was measured on
+# (experiments/funnel_costs.py: 1M x 768 float32, 1000 queries, one thread of a
+# 2-core AMD EPYC), fitted by least squares; first stages within about 20%,
+# re-rank stages within a factor of 2 (they are 10-100x cheaper). Other
+# machines scale it; the planner only ranks estimates and compares them with
+# full-size exact search.
+# Scanning, per million documents: base, per dim up to 256, per dim beyond
+# (longer prefixes use larger, more efficient tiles; see default_sizes).
+_SCAN_MS = (0.50, 0.0175, 0.0114)
+# Selecting the first stage's keep, per thousand kept: base, per dim (top-k of
+# group maxima, then re-scoring the members of the best groups).
+_SELECT_MS = (1.0, 0.0151)
+# Re-ranking, per thousand candidates: base (the gather), per dim; per thousand kept.
+_RERANK_MS = (0.095, 0.000176, 0.13)
 
-  The first stage scores all `n_docs` documents at its prefix m1 (a blocked
-  matmul), at n_docs * (m1 + per_doc_overhead): writing, scaling and reducing
-  each score costs about as much as 48 multiply-adds on CPU (measured: a
-  16-dim pass takes ~1/15 of a 768-dim one, not 1/48). It then scores the
-  members of the k1 best 32-document groups. Each later stage scores the
-  previous stage's survivors (`rerank_cost`). Full-size exact search is the
-  one-stage schedule [(d, k)].
+
+def first_stage_cost(n_docs: int, dim: int, keep: int) -> float:
+  """Estimated ms per query of an exact top-`keep` over `n_docs` documents at `dim` dims."""
+  base, short, long = _SCAN_MS
+  scan = n_docs / 1e6 * (base + short * min(dim, 256) + long * max(dim - 256, 0))
+  return scan + keep / 1000 * (_SELECT_MS[0] + _SELECT_MS[1] * dim)
+
+
+def rerank_cost(n_candidates: int, dim: int, keep: int) -> float:
+  """Estimated ms per query of re-scoring `n_candidates` gathered rows at `dim` dims."""
+  base, per_dim, per_kept = _RERANK_MS
+  return n_candidates / 1000 * (base + per_dim * dim) + keep / 1000 * per_kept
+
+
+def schedule_cost(schedule, n_docs: int) -> float:
+  """Estimated cost per query of a funnel schedule, in ms on the reference CPU.
+
+  The first stage scans all `n_docs` documents at its prefix m1 and selects
+  its K1 best (`first_stage_cost`); each later stage re-scores the previous
+  stage's survivors (`rerank_cost`). Full-size exact search is the one-stage
+  schedule [(d, k)]. The constants were measured with
+  experiments/funnel_costs.py, which also prints how well they predict the
+  machine it runs on.
   """
   (m, keep), rest = schedule[0], schedule[1:]
-  cost = float(n_docs) * (m + per_doc_overhead)
-  if rest:
-    cost += rerank_weight * keep * _GROUP * m
+  cost = first_stage_cost(n_docs, m, keep)
   prev = keep
   for m, keep in rest:
-    cost += rerank_cost(prev, m, keep, rerank_weight=rerank_weight)
+    cost += rerank_cost(prev, m, keep)
     prev = keep
   return cost
-
-
-def rerank_cost(n_candidates: int, dim: int, keep: int, *, rerank_weight: float = 4.0) -> float:
-  """Estimated cost per query of re-ranking `n_candidates` at `dim` dims (see `schedule_cost`).
-
-  Gathered rows are scored by matrix-vector products, `rerank_weight` times
-  slower per multiply-add than the first stage's blocked matmul.
-  """
-  del keep
-  return rerank_weight * n_candidates * dim

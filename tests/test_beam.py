@@ -241,3 +241,75 @@ class _FakeRemoteFS(LocalFileSystem):
   def delete(self, paths):
     for path in paths:  # LocalFileSystem.delete would match the local path as a fakefs:// one.
       os.remove(self._local(path))
+
+
+def test_pipeline_killed_mid_write_then_rerun_gives_the_uninterrupted_output(setup, tmp_path,
+                                                                             xla_cache):
+  """SIGKILL while parts and files are being written: no manifest vouches for the
+  half-done folder, `check` says it is unfinished, and the same command run again
+  finishes it with exactly the uninterrupted output and nothing left over."""
+  import signal
+  import subprocess
+  import time
+
+  from conftest import reap, subprocess_env
+  from adaptor import doctor
+
+  root, x, model = setup
+  bounds = [0, 400, 800, 1200]
+  _npy_shards(tmp_path / "in", x, bounds)
+  out = tmp_path / "out"
+  command = [sys.executable, "-m", "adaptor.beam", "--checkpoint", str(root / "ck"),
+             "--inputs", str(tmp_path / "in" / "*.npy"), "--output", str(out), "--dim", "64",
+             "--batch-size", str(BATCH), "--rows-per-split", "40", *DIRECT]
+  want = model.apply(x, dim=64, dtype=np.float32, batch_size=BATCH)
+  env = subprocess_env(xla_cache)
+  seed = int.from_bytes(os.urandom(4), "little")
+  log = open(tmp_path / "killed.log", "w+")
+  proc = subprocess.Popen(command, env=env, stdout=log, stderr=log)
+  try:
+    deadline = time.monotonic() + 180
+    while not (out / ".parts").is_dir():
+      if proc.poll() is not None:
+        log.seek(0)
+        raise AssertionError(f"exited ({proc.returncode}) before writing: {log.read()}")
+      assert time.monotonic() < deadline, "timed out waiting for the first part"
+      time.sleep(0.002)
+    time.sleep(np.random.default_rng(seed).uniform(0, 0.3))  # among the 30 parts and 3 files
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    reap(proc, log)
+  assert proc.returncode == -signal.SIGKILL, (seed, proc.returncode)
+  assert not (out / "manifest.json").exists(), f"kill seed {seed}: the run ended before the kill"
+  # Outputs are written whole or not at all.
+  for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+    if (out / f"part-{i}.npy").exists():
+      assert np.array_equal(np.load(out / f"part-{i}.npy"), want[a:b]), (seed, i)
+  problems = doctor.check_file(out)
+  assert problems and "no manifest.json" in problems[0], (seed, problems)
+
+  rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert sorted(os.listdir(out)) == ["manifest.json", "part-0.npy", "part-1.npy", "part-2.npy"]
+  for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+    assert np.array_equal(np.load(out / f"part-{i}.npy"), want[a:b]), (seed, i)
+  assert doctor.check_file(out) == []
+
+
+def test_check_reads_a_beam_output_and_names_a_damaged_file(setup, tmp_path):
+  from adaptor import doctor
+
+  root, x, _ = setup
+  _npy_shards(tmp_path / "in", x[:500], [0, 200, 500])
+  out = tmp_path / "out"
+  ab.run_pipeline(checkpoint=root / "ck", inputs=str(tmp_path / "in" / "*.npy"), output=out,
+                  dim=32, dtype="float16", pipeline_args=DIRECT, batch_size=BATCH,
+                  rows_per_split=SPLIT)
+  summary, problems = doctor._inspect(out)
+  assert problems == [] and "Beam apply output (2 files, 500 rows, dim 32, float16)" in summary
+  np.save(out / "part-1.npy", np.zeros((299, 32), np.float16))    # one row short
+  (out / "part-0.npy").unlink()
+  problems = doctor.check_file(out)
+  assert len(problems) == 2, problems
+  assert "part-0.npy: listed in manifest.json but missing" in problems[0]
+  assert "part-1.npy: expected shape (300, 32) (manifest.json), got (299, 32)" in problems[1]

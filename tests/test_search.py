@@ -224,9 +224,16 @@ def test_schedule_validation_and_cost():
     check_schedule([(2, 11)], 4, n_docs=10)
   with pytest.raises(ValueError, match="last keep must be >= k=5, got 3"):
     check_schedule([(2, 3)], 4, k=5)
-  assert schedule_cost([(32, 100), (768, 10)], 1000, rerank_weight=2.0, per_doc_overhead=8) == (
-      (32 + 8) * 1000 + 2 * 100 * 32 * 32 + 2 * 100 * 768)
-  assert schedule_cost([(768, 10)], 1000, per_doc_overhead=0) == 768 * 1000
+  # The model (ms/query on the reference CPU), by hand: scan + selection, then re-ranks.
+  scan_32 = 2.0 * (0.50 + 0.0175 * 32)
+  assert schedule_cost([(32, 400), (768, 10)], 2_000_000) == pytest.approx(
+      scan_32 + 0.4 * (1.0 + 0.0151 * 32) + 0.4 * (0.095 + 0.000176 * 768) + 0.01 * 0.13)
+  exact = schedule_cost([(768, 10)], 1_000_000)
+  assert exact == pytest.approx(0.50 + 0.0175 * 256 + 0.0114 * 512 + 0.01 * (1 + 0.0151 * 768))
+  # Cheaper with shorter first prefixes, smaller shortlists and fewer documents.
+  assert (schedule_cost([(16, 200), (768, 10)], 10**6) < schedule_cost([(32, 200), (768, 10)], 10**6)
+          < schedule_cost([(32, 1000), (768, 10)], 10**6) < exact)
+  assert schedule_cost([(16, 200), (768, 10)], 10**5) < schedule_cost([(16, 200), (768, 10)], 10**6)
 
 
 def test_search_errors():
