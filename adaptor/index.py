@@ -565,10 +565,15 @@ class MatryoshkaIndex:
       if p not in quant.QUANTISED or not 1 <= m <= d:
         raise InputError(f"{directory / _META}: expected a store precision in "
                          f"{list(quant.QUANTISED)} with dims in [1, {d}], found {p!r} {m}")
-      arrays = {name: _read_npy(directory / files.get(name, _store_file(p, m, name)), shape,
-                                np.dtype(dtype))
+      paths = {name: directory / files.get(name, _store_file(p, m, name))
+               for name in _store_layout(p, m, n)}
+      arrays = {name: _read_npy(paths[name], shape, np.dtype(dtype))
                 for name, (shape, dtype) in _store_layout(p, m, n).items()}
-      stores[(p, m)] = quant.store_from_arrays(p, m, arrays)
+      try:
+        stores[(p, m)] = quant.store_from_arrays(p, m, arrays)
+      except InputError as e:  # e.g. a calibration with NaN or non-positive scales
+        where = paths.get("calibration", paths[next(iter(paths))])
+        raise InputError(f"{where}: {e}") from None
     schedule = meta.get("schedule")
     try:
       schedule = None if schedule is None else quant.check_schedule(schedule, d, n_docs=n)

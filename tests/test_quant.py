@@ -1,6 +1,7 @@
 """Quantised stores and scoring: exact against numpy references, top-k against brute force."""
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -270,6 +271,39 @@ def test_save_load_round_trip_with_stores(tmp_path, corpus):
   (tmp_path / "ix" / "index.json").write_text(json.dumps(meta))
   old = MatryoshkaIndex.load(tmp_path / "ix")
   assert old.stores == {} and old.schedule is None
+
+
+@pytest.mark.parametrize("damage", ["missing bits", "truncated codes", "short calibration",
+                                    "nan calibration", "zero scale", "unknown precision"])
+def test_damaged_store_is_named_by_load_and_check(tmp_path, corpus, damage, capsys):
+  from adaptor import cli
+  ix = tmp_path / "ix"
+  MatryoshkaIndex.build(corpus, stores={"binary": 16, "int8": 8}).save(ix)
+  codes, cal = ix / "store-int8-8-codes.npy", ix / "store-int8-8-calibration.npy"
+  if damage == "missing bits":
+    (ix / "store-binary-16-bits.npy").unlink()
+    want = r"store-binary-16-bits\.npy: cannot read"
+  elif damage == "truncated codes":
+    codes.write_bytes(codes.read_bytes()[:-5])
+    want = r"store-int8-8-codes\.npy: expected \d+ bytes of data, found \d+ \(truncated file\)"
+  elif damage == "short calibration":
+    np.save(cal, np.ones((2, 7), np.float32))
+    want = r"store-int8-8-calibration\.npy: expected a C-order float32 array of shape \(2, 8\)"
+  elif damage in ("nan calibration", "zero scale"):
+    values = np.load(cal)
+    values[(0, 3) if damage == "nan calibration" else (1, 5)] = np.nan if damage == "nan calibration" else 0.0
+    np.save(cal, values)
+    want = r"store-int8-8-calibration\.npy: int8 calibration must have finite offsets and finite scales > 0"
+  else:
+    meta = json.loads((ix / "index.json").read_text())
+    meta["stores"][0]["precision"] = "int4"
+    (ix / "index.json").write_text(json.dumps(meta))
+    want = r"index\.json: expected a store precision in \['int8', 'binary'\]"
+  with pytest.raises(adaptor.InputError, match=want):
+    MatryoshkaIndex.load(ix)
+  assert cli.main(["check", str(ix)]) == 2
+  out = capsys.readouterr().out
+  assert re.search(want, out), out
 
 
 def test_default_schedule_is_used_and_checked(corpus):
