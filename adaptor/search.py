@@ -39,7 +39,8 @@ _RERANK_FLOATS = 2**20
 
 
 def default_sizes(dim: int, n_docs: int, n_queries: int, *, block_size: int | None = None,
-                  query_batch: int | None = None, contiguous: bool = False) -> tuple[int, int]:
+                  query_batch: int | None = None, contiguous: bool = False,
+                  k: int | None = None) -> tuple[int, int]:
   """(block_size, query_batch) for scoring `dim`-prefixes; given values are kept.
 
   Measured on 2-core x86 CPUs, single-threaded, 1M x 768 corpus: up to 256
@@ -49,13 +50,15 @@ def default_sizes(dim: int, n_docs: int, n_queries: int, *, block_size: int | No
   1024 queries per corpus pass halve how often each document block is read
   (1.1-1.4x faster at 384-768). A `contiguous` store of only the prefix
   (`normalized_prefix`) of up to 64 dims is read fastest in 4096 x 1024
-  tiles too (1.15-1.2x faster than 1024 x 256 at 16 and 64 dims). On a GPU
+  tiles too when more than 32 results are kept (1.15-1.2x faster than 1024 x
+  256 at 16 and 64 dims; with k <= 32 each block keeps its own top k, which
+  is 1.5x slower in the larger tiles). On a GPU
   or TPU, where each block is a kernel launch and caches are not the limit,
   blocks of 65536 documents and 1024 queries are used at every dim. Both
   are clipped to the corpus and query counts.
   """
   accelerator = jax.default_backend() != "cpu"
-  large = dim > 256 or (contiguous and dim <= 64)
+  large = dim > 256 or (contiguous and dim <= 64 and (k is None or k > 32))
   if block_size is None:
     block_size = 65536 if accelerator else 4096 if large else 1024
   if query_batch is None:
@@ -589,7 +592,8 @@ def funnel_search(
   k = schedule[-1][1] if k is None else _check_k(k, n_docs)
   block_size, query_batch = default_sizes(schedule[0][0], n_docs, queries.shape[0],
                                           block_size=block_size, query_batch=query_batch,
-                                          contiguous=first_stage is not None)
+                                          contiguous=first_stage is not None,
+                                          k=schedule[0][1])
   inv_norms = dict(inv_norms or {})
   scales = []
   for m, _ in schedule:
