@@ -261,7 +261,7 @@ def test_pipeline_killed_mid_write_then_rerun_gives_the_uninterrupted_output(set
   out = tmp_path / "out"
   command = [sys.executable, "-m", "adaptor.beam", "--checkpoint", str(root / "ck"),
              "--inputs", str(tmp_path / "in" / "*.npy"), "--output", str(out), "--dim", "64",
-             "--batch-size", str(BATCH), "--rows-per-split", "40", *DIRECT]
+             "--batch-size", str(BATCH), "--rows-per-split", "10", *DIRECT]
   want = model.apply(x, dim=64, dtype=np.float32, batch_size=BATCH)
   env = subprocess_env(xla_cache)
   seed = int.from_bytes(os.urandom(4), "little")
@@ -275,12 +275,15 @@ def test_pipeline_killed_mid_write_then_rerun_gives_the_uninterrupted_output(set
         raise AssertionError(f"exited ({proc.returncode}) before writing: {log.read()}")
       assert time.monotonic() < deadline, "timed out waiting for the first part"
       time.sleep(0.002)
-    time.sleep(np.random.default_rng(seed).uniform(0, 0.3))  # among the 30 parts and 3 files
+    appeared = time.monotonic()
+    time.sleep(np.random.default_rng(seed).uniform(0, 0.05))  # among the 120 parts and 3 files
     proc.send_signal(signal.SIGKILL)
+    killed_after = time.monotonic() - appeared
   finally:
     reap(proc, log)
   assert proc.returncode == -signal.SIGKILL, (seed, proc.returncode)
-  assert not (out / "manifest.json").exists(), f"kill seed {seed}: the run ended before the kill"
+  assert not (out / "manifest.json").exists(), (
+      f"kill seed {seed}: the run ended before the kill, {killed_after:.3f} s after its first part")
   # Outputs are written whole or not at all.
   for i, (a, b) in enumerate(itertools.pairwise(bounds)):
     if (out / f"part-{i}.npy").exists():
