@@ -427,7 +427,8 @@ class MatryoshkaIndex:
                                         block_size=block, query_batch=query_batch,
                                         first_stage=self._first_stage(pairs[0][0]))
     block, query_batch = search_lib.default_sizes(stages[0][0], self.n, q.shape[0], block_size=block,
-                                                  query_batch=query_batch)
+                                                  query_batch=query_batch,
+                                                  quantised=stages[0][2] != "float32")
     return quant.funnel(np.asarray(q, np.float32), stages, self._stage_data, k=k,
                         block_size=block, query_batch=query_batch)
 

@@ -40,29 +40,33 @@ _RERANK_FLOATS = 2**20
 
 def default_sizes(dim: int, n_docs: int, n_queries: int, *, block_size: int | None = None,
                   query_batch: int | None = None, contiguous: bool = False,
-                  k: int | None = None) -> tuple[int, int]:
+                  k: int | None = None, quantised: bool = False) -> tuple[int, int]:
   """(block_size, query_batch) for scoring `dim`-prefixes; given values are kept.
 
-  Measured on 2-core x86 CPUs, single-threaded, 1M x 768 corpus: up to 256
-  dims of the full-size rows a score tile must stay in the L2 cache (256
-  queries x 1024 documents = 1 MiB), which makes 16- and 64-dim search 2-3x
-  faster than 16384-document blocks; beyond that the matmul dominates and
-  1024 queries per corpus pass halve how often each document block is read
-  (1.1-1.4x faster at 384-768). A `contiguous` store of only the prefix
-  (`normalized_prefix`) of up to 64 dims is read fastest in 4096 x 1024
-  tiles too when more than 32 results are kept (1.15-1.2x faster than 1024 x
-  256 at 16 and 64 dims; with k <= 32 each block keeps its own top k, which
-  is 1.5x slower in the larger tiles). On a GPU
-  or TPU, where each block is a kernel launch and caches are not the limit,
-  blocks of 65536 documents and 1024 queries are used at every dim. Both
-  are clipped to the corpus and query counts.
+  Measured on 2-core x86 CPUs, single-threaded, 1M x 768 corpus:
+  - up to 256 dims of the full-size rows, a score tile must stay in the L2
+    cache (1024 documents x 256 queries = 1 MiB), which makes 16- and 64-dim
+    search 2-3x faster than 16384-document blocks; from 65 to 256 dims, 512
+    queries per block are 1.0-1.15x faster than 256;
+  - beyond 256 dims the matmul dominates, and 1024 queries per corpus pass
+    halve how often each 4096-document block is read (1.1-1.4x faster);
+  - a `contiguous` store of only the prefix (`normalized_prefix`) of up to 64
+    dims is read fastest in 4096 x 1024 tiles when more than 32 results are
+    kept (1.15-1.2x faster than 1024 x 256); with k <= 32 each block keeps
+    its own top k, which is 1.5x slower in the larger tiles;
+  - `quantised` (int8 or binary) first stages keep 256 queries up to 256
+    dims (see quant._MAX_BLOCK for their blocks).
+  On a GPU or TPU, where each block is a kernel launch and caches are not the
+  limit, blocks of 65536 documents and 1024 queries are used at every dim.
+  Both are clipped to the corpus and query counts.
   """
   accelerator = jax.default_backend() != "cpu"
   large = dim > 256 or (contiguous and dim <= 64 and (k is None or k > 32))
   if block_size is None:
     block_size = 65536 if accelerator else 4096 if large else 1024
   if query_batch is None:
-    query_batch = 1024 if accelerator or large else 256
+    query_batch = (1024 if accelerator or large else
+                   512 if dim > 64 and not quantised else 256)
   block_size = min(_check_positive(block_size, "block_size"), n_docs)
   query_batch = min(_check_positive(query_batch, "query_batch"), n_queries)
   return block_size, query_batch
