@@ -262,9 +262,8 @@ def _inspect_beam_output(path: Path) -> tuple[str, list[str]]:
   dim, dtype = manifest.get("dim"), manifest.get("dtype")
   for entry in manifest["files"]:
     out = Path(entry["output"])
-    out = out if out.is_absolute() else path / out.name
-    if not out.is_file():
-      out = path / out.name  # The folder may have moved since the run.
+    if not (out.is_absolute() and out.is_file()):
+      out = path / out.name  # Relative, or the folder moved since the run.
     if not out.is_file():
       problems.append(f"{path / out.name}: listed in manifest.json but missing")
       continue

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import SINGLE_THREAD_ENV, median_time, peak_rss_bytes, write_results
+from common import SINGLE_THREAD_ENV, median_time, peak_rss_bytes, synthetic, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,14 +92,7 @@ def _overlap(found, reference) -> float:
 
 
 def _synthetic(cfg: Config, n: int, salt: int) -> np.ndarray:
-  # Matryoshka-like synthetic data: coordinate variance decays along the vector,
-  # so short prefixes carry most of the signal. Generated in chunks of float32.
-  rng = np.random.default_rng([cfg.seed, salt])
-  scale = np.linspace(1.0, 0.2, cfg.d).astype(np.float32)
-  out = np.empty((n, cfg.d), np.float32)
-  for s in range(0, n, 65536):
-    out[s:s + 65536] = rng.standard_normal((min(65536, n - s), cfg.d), dtype=np.float32) * scale
-  return out
+  return synthetic(n, cfg.d, cfg.seed, salt)
 
 
 def _run_worker(cfg: Config, role: str, extra: dict, threads: str, platform: str = "cpu") -> dict:
@@ -115,14 +108,10 @@ def _run_worker(cfg: Config, role: str, extra: dict, threads: str, platform: str
     return json.loads(out.read_text())
 
 
-def _parse_schedule(text: str) -> list[list]:
-  """'256:1000:binary,768:10' -> [[256, 1000, 'binary'], [768, 10]]."""
-  stages = []
-  for stage in text.split(","):
-    if stage.strip():
-      parts = stage.strip().split(":")
-      stages.append([int(parts[0]), int(parts[1])] + parts[2:3])
-  return stages
+def _parse_schedule(text: str) -> list[tuple]:
+  """'256:1000:binary,768:10' -> [(256, 1000, 'binary'), (768, 10)] (the CLI's parser)."""
+  from adaptor.index import _parse_schedule as parse
+  return parse(text)
 
 
 def _schedule_text(schedule) -> str:

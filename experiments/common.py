@@ -16,6 +16,21 @@ SINGLE_THREAD_ENV = {
 }
 
 
+def synthetic(n: int, d: int, seed: int, salt: int, out=None) -> np.ndarray:
+  """Matryoshka-like synthetic vectors [n, d] float32 (into `out` if given).
+
+  Coordinate variance decays along the vector (scale 1.0 down to 0.2), so
+  short prefixes carry most of the signal; drawn in chunks of 65536 rows
+  from the stream (seed, salt).
+  """
+  rng = np.random.default_rng([seed, salt])
+  scale = np.linspace(1.0, 0.2, d).astype(np.float32)
+  out = np.empty((n, d), np.float32) if out is None else out
+  for s in range(0, n, 65536):
+    out[s:s + 65536] = rng.standard_normal((min(65536, n - s), d), dtype=np.float32) * scale
+  return out
+
+
 def median_time(fn, repeats: int) -> float:
   """Median wall-clock seconds of `repeats` calls of `fn`."""
   times = []

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import SINGLE_THREAD_ENV, median_time, write_results
+from common import SINGLE_THREAD_ENV, median_time, synthetic, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,17 +63,9 @@ def smoke_config() -> Config:
                 out="results/funnel_costs-smoke")
 
 
-def _synthetic(cfg: Config, n: int, salt: int, out=None) -> np.ndarray:
-  rng = np.random.default_rng([cfg.seed, salt])
-  scale = np.linspace(1.0, 0.2, cfg.d).astype(np.float32)
-  out = np.empty((n, cfg.d), np.float32) if out is None else out
-  for s in range(0, n, 65536):
-    out[s:s + 65536] = rng.standard_normal((min(65536, n - s), cfg.d), dtype=np.float32) * scale
-  return out
-
-
-def _parse(text: str) -> tuple[tuple[int, int], ...]:
-  return tuple(tuple(int(v) for v in stage.split(":")) for stage in text.split(","))
+def _parse(text: str) -> list[tuple[int, int]]:
+  from adaptor.index import _parse_schedule  # the CLI's DIM:KEEP,... parser
+  return _parse_schedule(text)
 
 
 def measure(cfg: Config) -> dict:
@@ -84,11 +76,11 @@ def measure(cfg: Config) -> dict:
   search_lib = importlib.import_module("adaptor.search")
   from adaptor.index import MatryoshkaIndex
 
-  vectors = _synthetic(cfg, cfg.n_docs, 1, out=search_lib.aligned_empty((cfg.n_docs, cfg.d),
-                                                                         np.float32))
+  vectors = synthetic(cfg.n_docs, cfg.d, cfg.seed, 1,
+                      out=search_lib.aligned_empty((cfg.n_docs, cfg.d), np.float32))
   vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
   index = MatryoshkaIndex(vectors, [str(i) for i in range(cfg.n_docs)])
-  queries = _synthetic(cfg, cfg.n_queries, 2)
+  queries = synthetic(cfg.n_queries, cfg.d, cfg.seed, 2)
   n_q = cfg.n_queries
 
   def per_query_ms(fn) -> float:
