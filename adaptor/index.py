@@ -125,9 +125,12 @@ class MatryoshkaIndex:
       self.schedule = quant.check_schedule(schedule, self.d, n_docs=self.n)
     self._row_of = None
     self._device = None
-    # Derived device arrays, made on first use: ("norms", m) inverse prefix
-    # norms and ("prefix", m) normalised first-stage copies (see _first_stage).
+    # Derived arrays, made on first use: ("norms", m) inverse prefix norms on
+    # the device, ("prefix", m) normalised first-stage copies on the device
+    # and ("prefix-host", m) the host arrays they alias (see _first_stage).
     self._derived = {}
+    self._pool = None   # A running pool.SearchPool, or None.
+    self._load_shared = None   # Arrays `load` read into shared memory for the workers.
 
   # ------------------------------------------------------------ properties
 
@@ -245,6 +248,7 @@ class MatryoshkaIndex:
       else:
         store = quant.Int8Store.build(self.vectors, dims, calibration_rows=calibration_rows, key=key)
       self._stores[(precision, dims)] = store
+      self._restart_workers()
     return self._stores[(precision, dims)]
 
   def store_for(self, precision: str, dim: int):
@@ -319,6 +323,11 @@ class MatryoshkaIndex:
     self._row_of = None
     self._device = None
     self._derived = {}
+    self._restart_workers()
+
+  def _restart_workers(self) -> None:
+    if self._pool is not None:
+      self.start_workers(self._pool.workers)
 
   # ------------------------------------------------------------ lookups
 
@@ -373,9 +382,51 @@ class MatryoshkaIndex:
       return None
     key = ("prefix", dim)
     if key not in self._derived:
-      self._derived[key] = jax.device_put(search_lib.normalized_prefix(
-          self.vectors, dim, inv_norms=self.prefix_inv_norms(dim)))
+      alloc = _aligned_empty if self._pool is None else self._pool.shared.empty
+      host = search_lib.normalized_prefix(self.vectors, dim, inv_norms=self.prefix_inv_norms(dim),
+                                          out=alloc((self.n, dim), np.float32))
+      self._derived[("prefix-host", dim)] = host
+      self._derived[key] = jax.device_put(host)
     return self._derived[key]
+
+  def _worker_needs(self, dim: int | None, stages) -> dict:
+    """{key: host array} a search reads beyond the vectors and stores (see pool.SearchPool)."""
+    float_dims = [dim] if stages is None else [m for m, _, p in stages if p == "float32"]
+    needs = {("norms", m): self.prefix_inv_norms(m) for m in float_dims}
+    if stages is not None and all(p == "float32" for _, _, p in stages) and len(stages) > 1:
+      m = stages[0][0]
+      if self._first_stage(m) is not None:
+        needs[("prefix", m)] = self._derived[("prefix-host", m)]
+    return needs
+
+  # ------------------------------------------------------------ workers
+
+  @property
+  def workers(self) -> int:
+    """How many worker processes search this index (0: it searches in this process)."""
+    return 0 if self._pool is None else self._pool.workers
+
+  def start_workers(self, workers: int | None = None) -> None:
+    """Searches from now on run in `workers` processes, one per CPU (see adaptor/pool.py).
+
+    The index's arrays move into shared memory, which every worker maps
+    without copying; each search splits its queries between the workers, and
+    returns exactly what a search in this process would. `add` and
+    `add_store` restart the workers. CPU backends only.
+
+    Args:
+      workers: default one per CPU this process may run on.
+    """
+    from adaptor import pool
+    self.stop_workers()
+    self._pool = pool.SearchPool(self, workers, shared=self._load_shared)
+    self._load_shared = None
+
+  def stop_workers(self) -> None:
+    """Stops the worker processes (if any); searches run in this process again."""
+    if self._pool is not None:
+      pool, self._pool = self._pool, None
+      pool.close()
 
   # ------------------------------------------------------------ search
 
@@ -412,6 +463,24 @@ class MatryoshkaIndex:
                          f"default schedule {quant.format_schedule(self.schedule)}; pass dim= or "
                          f"schedule= to search otherwise")
       schedule = self.schedule
+    if self._pool is not None:
+      if schedule is None:
+        dim = self.d if dim is None else search_lib.check_dim(dim, self.d)
+        stages = (None if precision in (None, "float32") else
+                  quant.check_schedule([(dim, k, precision)], self.d, n_docs=self.n, k=k))
+      else:
+        stages = quant.check_schedule(schedule, self.d, n_docs=self.n, k=k)
+      if stages is not None:
+        self._store_for_schedule(stages)
+      try:
+        return self._pool.search_rows(self, np.asarray(q, np.float32), k,
+                                      needs=self._worker_needs(dim, stages),
+                                      dim=dim if stages is None else None, schedule=stages,
+                                      query_batch=query_batch)
+      except BaseException:
+        if self._pool._closed:   # A worker died: later searches run here.
+          self._pool = None
+        raise
     if schedule is None:
       dim = self.d if dim is None else search_lib.check_dim(dim, self.d)
       if precision in (None, "float32"):
@@ -517,14 +586,22 @@ class MatryoshkaIndex:
       raise
 
   @classmethod
-  def load(cls, directory, *, adaptor=None) -> "MatryoshkaIndex":
+  def load(cls, directory, *, adaptor=None, workers: int | None = 0) -> "MatryoshkaIndex":
     """Reads an index written by `save`, checking every file against index.json.
 
     Args:
       directory: the index directory.
       adaptor: optional; if given it must be the adaptor the index was built
         with (same fingerprint), else InputError. By default the stored one.
+      workers: search in this many worker processes (see `start_workers`;
+        None: one per CPU); the arrays are read straight into shared memory.
+        0 (the default): search in this process.
     """
+    shared = None
+    if workers != 0:
+      from adaptor import pool
+      shared = pool.SharedArrays()
+    alloc = _aligned_empty if shared is None else shared.empty
     directory = Path(directory).absolute()
     if not directory.is_dir():  # A save killed between its two renames left the old one aside.
       directory = checkpoint._recover_moved_aside(directory) or directory
@@ -539,9 +616,11 @@ class MatryoshkaIndex:
       raise InputError(f"{directory / _META}: expected a matryoshka-index format_version "
                        f"{FORMAT_VERSION}, found {meta.get('format')!r} {meta.get('format_version')!r}")
     n, d, precision = meta["n"], meta["d"], meta["precision"]
-    vectors = _read_npy(directory / _VECTORS, (n, d), np.dtype(_PRECISIONS[precision]))
+    vectors = _read_npy(directory / _VECTORS, (n, d), np.dtype(_PRECISIONS[precision]), alloc)
     dims = tuple(meta["dims"])
     norms = _read_npy(directory / _NORMS, (len(dims), n), np.dtype(np.float32))
+    norms = {m: norms[i] if shared is None else shared.share(norms[i])
+             for i, m in enumerate(dims)}
     ids = json.loads((directory / _IDS).read_text())
     if not isinstance(ids, list) or len(ids) != n or not all(isinstance(v, str) for v in ids):
       raise InputError(f"{directory / _IDS}: expected a JSON list of {n} str ids")
@@ -568,7 +647,7 @@ class MatryoshkaIndex:
                          f"{list(quant.QUANTISED)} with dims in [1, {d}], found {p!r} {m}")
       paths = {name: directory / files.get(name, _store_file(p, m, name))
                for name in _store_layout(p, m, n)}
-      arrays = {name: _read_npy(paths[name], shape, np.dtype(dtype))
+      arrays = {name: _read_npy(paths[name], shape, np.dtype(dtype), alloc)
                 for name, (shape, dtype) in _store_layout(p, m, n).items()}
       try:
         stores[(p, m)] = quant.store_from_arrays(p, m, arrays)
@@ -581,10 +660,13 @@ class MatryoshkaIndex:
     except ValueError as e:
       raise InputError(f"{directory / _META}: bad default schedule: {e}") from None
     index = cls(vectors, ids, adaptor=adaptor, precision=precision,
-                inv_norms={m: norms[i] for i, m in enumerate(dims)},
-                block_size=meta.get("block_size"), stores=stores, schedule=schedule)
+                inv_norms=norms, block_size=meta.get("block_size"), stores=stores,
+                schedule=schedule)
     if schedule is not None:
       index._store_for_schedule(schedule)
+    if shared is not None:
+      index._load_shared = shared
+      index.start_workers(workers)
     return index
 
 
@@ -634,8 +716,8 @@ def _check_adaptor(model) -> None:
     raise InputError(f"adaptor must be a fitted adaptor.Adaptor (or None), got {type(model).__name__}")
 
 
-def _read_npy(path: Path, shape, dtype) -> np.ndarray:
-  """Reads a .npy file straight into an aligned buffer, checking its shape and dtype."""
+def _read_npy(path: Path, shape, dtype, alloc=_aligned_empty) -> np.ndarray:
+  """Reads a .npy file straight into `alloc(shape, dtype)`, checking its shape and dtype."""
   try:
     with open(path, "rb") as f:
       version = np.lib.format.read_magic(f)
@@ -645,7 +727,7 @@ def _read_npy(path: Path, shape, dtype) -> np.ndarray:
       if tuple(found_shape) != tuple(shape) or found_dtype != dtype or fortran:
         raise InputError(f"{path}: expected a C-order {dtype} array of shape {tuple(shape)}, "
                          f"found {found_dtype} {tuple(found_shape)}{' (Fortran order)' if fortran else ''}")
-      out = _aligned_empty(shape, dtype)
+      out = alloc(shape, dtype)
       view = memoryview(out.reshape(-1).view(np.uint8))
       got = 0
       while got < out.nbytes:
@@ -841,6 +923,12 @@ def _parse_stores(text: str):
   return out
 
 
+def _parse_workers(text: str) -> str:
+  if text != "auto" and not (text.isdigit() and int(text) >= 0):
+    raise argparse.ArgumentTypeError(f"expected a count >= 0 or 'auto', got {text!r}")
+  return text
+
+
 def _load_queries(args):
   emb = adaptor.load_embeddings(args.queries, column=args.column, ids=args.query_ids,
                                 name="--queries")
@@ -889,12 +977,16 @@ def _write_run(path, query_ids, ids, scores) -> None:
 
 
 def _cmd_search(args):
-  index = MatryoshkaIndex.load(args.index)
-  queries, query_ids = _load_queries(args)
-  t = time.perf_counter()
-  scores, ids = index.search(queries, args.k, dim=args.dim, schedule=args.schedule,
-                             precision=args.precision)
-  took = time.perf_counter() - t
+  workers = None if args.workers == "auto" else int(args.workers)
+  index = MatryoshkaIndex.load(args.index, workers=workers)
+  try:
+    queries, query_ids = _load_queries(args)
+    t = time.perf_counter()
+    scores, ids = index.search(queries, args.k, dim=args.dim, schedule=args.schedule,
+                               precision=args.precision)
+    took = time.perf_counter() - t
+  finally:
+    index.stop_workers()
   if args.output:
     _write_run(args.output, query_ids, ids, scores)
     print(f"wrote {len(query_ids)} x {args.k} results to {args.output} ({took:.2f} s)")
@@ -964,6 +1056,10 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
   s.add_argument("--precision", choices=list(quant.PRECISIONS),
                  help="with --dim: exact search over the int8 or binary store")
   s.add_argument("--output", help="run TSV (query-id, corpus-id, rank, score); default: print")
+  s.add_argument("--workers", default="0", type=_parse_workers,
+                 help="search in N worker processes, one per CPU ('auto': every CPU this "
+                 "process may use); pays off for many queries on a large index (default 0: "
+                 "search in this process)")
   s.set_defaults(handler=_cmd_search)
 
   pl = sub.add_parser("plan", help="cheapest funnel schedule at a recall target")

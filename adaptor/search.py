@@ -152,7 +152,8 @@ def prefix_inv_norms(corpus, dim: int, *, block_size: int = 65536) -> np.ndarray
   return out
 
 
-def normalized_prefix(corpus, dim: int, *, inv_norms=None, block_size: int = 65536) -> np.ndarray:
+def normalized_prefix(corpus, dim: int, *, inv_norms=None, block_size: int = 65536,
+                      out=None) -> np.ndarray:
   """A contiguous float32 copy of the first `dim` columns, each row re-normalised.
 
   Funnel search reads it in its first stage instead of the strided prefix of
@@ -164,10 +165,12 @@ def normalized_prefix(corpus, dim: int, *, inv_norms=None, block_size: int = 655
     dim: prefix length in [1, d].
     inv_norms: optional `prefix_inv_norms(corpus, dim)`, with shape [n].
     block_size: rows converted at a time; bounds the temporaries.
+    out: optional float32 array [n, dim] to write into (e.g. shared memory).
 
   Returns:
-    np.ndarray float32 [n, dim], aligned so that `jax.device_put` does not copy
-    it on CPU; rows whose prefix is all zeros stay zero.
+    np.ndarray float32 [n, dim] (`out`, or a new one aligned so that
+    `jax.device_put` does not copy it on CPU); rows whose prefix is all zeros
+    stay zero.
   """
   if getattr(corpus, "ndim", None) != 2:
     raise ValueError(f"corpus must be 2-D [n, d], got shape {getattr(corpus, 'shape', None)}")
@@ -176,7 +179,10 @@ def normalized_prefix(corpus, dim: int, *, inv_norms=None, block_size: int = 655
   if inv.shape != (corpus.shape[0],):
     raise ValueError(f"inv_norms must have shape ({corpus.shape[0]},), got {inv.shape}")
   host = np.asarray(corpus)
-  out = aligned_empty((host.shape[0], dim), np.float32)
+  if out is None:
+    out = aligned_empty((host.shape[0], dim), np.float32)
+  elif out.shape != (host.shape[0], dim) or out.dtype != np.float32:
+    raise ValueError(f"out must be float32 of shape {(host.shape[0], dim)}, got {out.dtype} {out.shape}")
   for start in range(0, host.shape[0], block_size):
     stop = start + block_size
     np.multiply(host[start:stop, :dim], inv[start:stop, None], out=out[start:stop],

@@ -6,7 +6,10 @@ One run prints four tables and writes them all to <out>/results.json:
      n_docs x 768 float32 corpus: this library (MatryoshkaIndex, corpus stored
      once at full size) vs faiss.IndexFlatIP (given a contiguous, normalised
      copy of the prefix) vs numpy (blocked matmul + argpartition),
-     single-threaded and with all threads; medians of `repeats` runs.
+     single-threaded and with all threads; medians of `repeats` runs. With
+     all threads the library is timed in one process (XLA spreads each
+     matmul over the CPUs, nothing else) and with one pinned worker process
+     per CPU (MatryoshkaIndex.start_workers, see adaptor/pool.py).
   2. Funnel search with the schedule planned on real data (table 3, mpnet)
      vs full-size exact search, on the same synthetic corpus: speed-up over
      FAISS and over this library's full-size search.
@@ -19,9 +22,10 @@ One run prints four tables and writes them all to <out>/results.json:
      index in float32 and float16, each measured in a fresh subprocess.
 
 Timing runs in subprocesses so thread settings take effect before JAX, XLA,
-OpenBLAS and FAISS start: single-threaded means
-XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
-OMP/OPENBLAS/MKL_NUM_THREADS=1 and faiss.omp_set_num_threads(1).
+OpenBLAS and FAISS start: single-threaded means the process is pinned to one
+CPU (os.sched_setaffinity; XLA ignores its thread flags, see
+common.use_one_cpu), OMP/OPENBLAS/MKL_NUM_THREADS=1 and
+faiss.omp_set_num_threads(1).
 
 Run (1M x 768 corpus, about 10 minutes on 2 cores; fits the two adaptors first
 unless results/bench_search/adaptor-<model> already exist):
@@ -45,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import SINGLE_THREAD_ENV, median_time, peak_rss_bytes, synthetic, write_results
+from common import median_time, peak_rss_bytes, synthetic, use_one_cpu, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,8 +102,6 @@ def _synthetic(cfg: Config, n: int, salt: int) -> np.ndarray:
 def _run_worker(cfg: Config, role: str, extra: dict, threads: str, platform: str = "cpu") -> dict:
   env = dict(os.environ)
   env["JAX_PLATFORMS"] = {"cpu": "cpu", "gpu": "cuda"}[platform]
-  if threads == "1":
-    env.update(SINGLE_THREAD_ENV)
   with tempfile.TemporaryDirectory() as tmp:
     out = Path(tmp) / "out.json"
     payload = json.dumps({"config": dataclasses.asdict(cfg), "extra": extra, "threads": threads})
@@ -203,18 +205,56 @@ def worker_speed(cfg: Config, extra: dict, threads: str) -> dict:
           f"numpy {t_numpy:.2f}s", flush=True)
   full = out["exact"][str(cfg.d)]
   out["funnels"] = []
+  funnel_rows = []
   for schedule in [extra["schedule"]] + [_parse_schedule(t) for t in cfg.more_schedules]:
     schedule = _with_stores(index, schedule)
     index.search_rows(queries, k, schedule=schedule, adapted=True)   # compile
     t = median_time(lambda: index.search_rows(queries, k, schedule=schedule, adapted=True), reps)
     _, rows = index.search_rows(queries, k, schedule=schedule, adapted=True)
+    funnel_rows.append(rows)
     out["funnels"].append({
         "schedule": [list(s) for s in schedule], "s": t, "qps": cfg.n_queries / t,
         "speedup_vs_faiss_full": full["faiss_s"] / t if "faiss_s" in full else None,
         "speedup_vs_ours_full": full["ours_s"] / t,
         "synthetic_recall_vs_full": _overlap(rows, exact_rows[cfg.d])})
     print(f"[threads={threads}] funnel {_schedule_text(schedule)}: {t:.2f}s", flush=True)
+  if threads == "all" and on_cpu:
+    _time_workers(cfg, index, queries, out, exact_rows, funnel_rows)
   return out
+
+
+def _time_workers(cfg: Config, index, queries, out: dict, exact_rows: dict, funnel_rows: list):
+  """Adds the library's times with one pinned worker process per CPU (adaptor/pool.py)."""
+  k, reps = cfg.k, cfg.repeats
+  t = time.perf_counter()
+  index.start_workers()
+  out["workers"] = index.workers
+  out["workers_start_s"] = time.perf_counter() - t
+  try:
+    def timed(**how):
+      index.search_rows(queries, k, adapted=True, **how)   # compile in every worker
+      took = median_time(lambda: index.search_rows(queries, k, adapted=True, **how), reps)
+      return took, index.search_rows(queries, k, adapted=True, **how)[1]
+
+    for dim in cfg.dims:
+      r = out["exact"][str(dim)]
+      took, rows = timed(dim=dim)
+      r.update({"workers_qps": cfg.n_queries / took, "workers_s": took,
+                "workers_same_as_one_process": bool(np.array_equal(rows, exact_rows[dim]))})
+      if "faiss_s" in r:
+        r["workers_over_faiss_time"] = took / r["faiss_s"]
+      print(f"[{index.workers} workers] exact dim {dim}: {took:.2f}s", flush=True)
+    full = out["exact"][str(cfg.d)]
+    for f, ref in zip(out["funnels"], funnel_rows):
+      took, rows = timed(schedule=[tuple(s) for s in f["schedule"]])
+      f.update({"workers_qps": cfg.n_queries / took, "workers_s": took,
+                "workers_same_as_one_process": bool(np.array_equal(rows, ref)),
+                "workers_speedup_vs_faiss_full": full["faiss_s"] / took if "faiss_s" in full else None,
+                "workers_speedup_vs_ours_full": full["workers_s"] / took})
+      print(f"[{index.workers} workers] funnel {_schedule_text(f['schedule'])}: {took:.2f}s",
+            flush=True)
+  finally:
+    index.stop_workers()
 
 
 def worker_memory(cfg: Config, extra: dict, threads: str) -> dict:
@@ -226,7 +266,7 @@ def worker_memory(cfg: Config, extra: dict, threads: str) -> dict:
     index = MatryoshkaIndex.build(corpus, precision=precision)
     del corpus
     index.save(path)
-  else:
+  elif extra["phase"] == "search":
     index = MatryoshkaIndex.load(path)
     # One query batch (256): batches run one after another, so more queries
     # take longer but need no more memory.
@@ -234,7 +274,20 @@ def worker_memory(cfg: Config, extra: dict, threads: str) -> dict:
     index.search_rows(queries, cfg.k, adapted=True)
     index.search_rows(queries, cfg.k, schedule=[tuple(s) for s in extra["schedule"]],
                       adapted=True)
-  return {"peak_rss": peak_rss_bytes(), "index_bytes": index.nbytes,
+  else:  # "search, workers": PSS, since every worker maps the same shared arrays.
+    from common import PeakPss
+    index = MatryoshkaIndex.load(path, workers=None)
+    queries = _synthetic(cfg, min(cfg.n_queries, 256 * index.workers), 2)
+    with PeakPss([os.getpid(), *index._pool.pids]) as pss:
+      index.search_rows(queries, cfg.k, adapted=True)
+      index.search_rows(queries, cfg.k, schedule=[tuple(s) for s in extra["schedule"]],
+                        adapted=True)
+    out = {"peak_rss": pss.peak, "measure": f"peak summed PSS of this process and its "
+           f"{index.workers} workers", "index_bytes": index.nbytes,
+           "vector_bytes": index.vectors.nbytes}
+    index.stop_workers()
+    return out
+  return {"peak_rss": peak_rss_bytes(), "measure": "VmHWM", "index_bytes": index.nbytes,
           "vector_bytes": index.vectors.nbytes}
 
 
@@ -308,28 +361,35 @@ def _tables(cfg: Config, res: dict) -> str:
   if speed:
     lines += ["", f"## 1. Exact top-{cfg.k} search, {cfg.n_docs:,} x {cfg.d} float32, "
               f"{cfg.n_queries} queries (queries/s, median of {cfg.repeats})", "",
-              "| threads | dim | this library | faiss IndexFlatIP | numpy | library time / faiss "
-              "time | top-10 agreement with faiss |", "|---|---|---|---|---|---|---|"]
+              "| threads | dim | this library, one process | this library, one worker per CPU "
+              "| faiss IndexFlatIP | numpy | library time / faiss time (best library column) "
+              "| top-10 agreement with faiss |", "|---|---|---|---|---|---|---|---|"]
     for threads, sp in speed.items():
       for dim, r in sp["exact"].items():
+        best = min(v for v in (r.get("ours_over_faiss_time"), r.get("workers_over_faiss_time"))
+                   if v is not None) if "faiss_s" in r else None
         lines.append(f"| {threads} | {dim} | {r['ours_qps']:.1f} | "
+                     f"{_fmt(r.get('workers_qps'), '.1f')} | "
                      f"{_fmt(r.get('faiss_qps'), '.1f')} | {_fmt(r.get('numpy_qps'), '.1f')} | "
-                     f"{_fmt(r.get('ours_over_faiss_time'), '.2f')} | "
-                     f"{_fmt(r.get('agreement_with_faiss'), '.4f')} |")
+                     f"{_fmt(best, '.2f')} | {_fmt(r.get('agreement_with_faiss'), '.4f')} |")
     real = res.get("quality", {}).get(cfg.plan_model, {}).get("rows", {})
     lines += ["", "## 2. Funnels vs full-size exact search on the same corpus "
               f"(the first planned on SciFact/{cfg.plan_model})", "",
-              "| threads | schedule | queries/s | speed-up vs faiss full | speed-up vs library full "
-              "| recall@10 vs full (SciFact test, real) | recall@10 vs full (synthetic) |",
-              "|---|---|---|---|---|---|---|"]
+              "| threads | library runs in | schedule | queries/s | speed-up vs faiss full "
+              "| speed-up vs library full | recall@10 vs full (SciFact test, real) "
+              "| recall@10 vs full (synthetic) |", "|---|---|---|---|---|---|---|---|"]
     for threads, sp in speed.items():
       for f in sp["funnels"]:
         stages = _schedule_text(f["schedule"])
         real_recall = real.get("funnel " + stages, {}).get("recall@10_vs_full")
-        lines.append(f"| {threads} | {stages} | {f['qps']:.1f} | "
-                     f"{_fmt(f['speedup_vs_faiss_full'], '.1f', 'x')} | "
-                     f"{f['speedup_vs_ours_full']:.1f}x | {_fmt(real_recall, '.4f')} | "
-                     f"{f['synthetic_recall_vs_full']:.4f} |")
+        runs = [("one process", "")]
+        if "workers_qps" in f:
+          runs.append((f"{sp['workers']} workers", "workers_"))
+        for where, key in runs:
+          lines.append(f"| {threads} | {where} | {stages} | {f[key + 'qps']:.1f} | "
+                       f"{_fmt(f[key + 'speedup_vs_faiss_full'], '.1f', 'x')} | "
+                       f"{f[key + 'speedup_vs_ours_full']:.1f}x | {_fmt(real_recall, '.4f')} | "
+                       f"{f['synthetic_recall_vs_full']:.4f} |")
   for model, q in res.get("quality", {}).items():
     plan = q["plan"]
     lines += ["", f"## 3. SciFact / {model}: adapted embeddings, {q['n_docs']} docs, "
@@ -340,8 +400,10 @@ def _tables(cfg: Config, res: dict) -> str:
       lines.append(f"| {name} | {r['ndcg@10']:.4f} | {r['recall@10_vs_full']:.4f} | "
                    f"{r['ms_per_query']:.3f} |")
   if res.get("memory"):
-    lines += ["", f"## 4. Peak RSS (VmHWM), {cfg.n_docs:,} x {cfg.d} index, fresh process per row",
-              "", "| precision | phase | peak RSS (GiB) | index size (GiB) | peak / index size |",
+    lines += ["", f"## 4. Peak memory, {cfg.n_docs:,} x {cfg.d} index, fresh process per row "
+              "(VmHWM; with workers, the peak of the summed PSS of the process and its workers, "
+              "which map the same shared arrays)",
+              "", "| precision | phase | peak memory (GiB) | index size (GiB) | peak / index size |",
               "|---|---|---|---|---|"]
     for precision, phases in res["memory"].items():
       for phase, mem in phases.items():
@@ -379,6 +441,8 @@ def main(argv=None):
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in p["config"].items()}
     cfg = Config(**fields)
     fn = {"speed": worker_speed, "memory": worker_memory}[args.worker]
+    if p["threads"] == "1":
+      use_one_cpu()   # Before JAX, XLA and FAISS start.
     result = fn(cfg, p["extra"], p["threads"])
     Path(args.worker_out).write_text(json.dumps(result))
     return 0
@@ -429,7 +493,7 @@ def main(argv=None):
         extra = {"path": path, "precision": precision, "schedule": schedule}
         res["memory"][precision] = {
             phase: _run_worker(cfg, "memory", {**extra, "phase": phase}, "all")
-            for phase in ("build", "search")}
+            for phase in ("build", "search", "search, workers")}
   res["seconds"] = time.perf_counter() - t0
   table = _tables(cfg, res)
   print("\n" + table + f"\n\n(total {res['seconds']:.0f} s)")

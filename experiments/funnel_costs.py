@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import SINGLE_THREAD_ENV, median_time, synthetic, write_results
+from common import median_time, synthetic, use_one_cpu, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -156,10 +156,10 @@ def main(argv=None):
   parser.add_argument("--out", help="results folder (default: results/funnel_costs)")
   parser.add_argument("--n-docs", type=int, help="synthetic corpus size")
   parser.add_argument("--all-threads", action="store_true",
-                      help="let XLA use every core (default: one thread)")
+                      help="let XLA use every core (default: this process is pinned to one CPU)")
   args = parser.parse_args(argv)
   if not args.all_threads:
-    os.environ.update(SINGLE_THREAD_ENV)  # Before JAX starts.
+    use_one_cpu()  # Before JAX starts.
   sys.path.insert(0, str(REPO))
   cfg = smoke_config() if args.smoke else Config()
   if args.out:

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import SINGLE_THREAD_ENV, median_time, write_results
+from common import median_time, use_one_cpu, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -365,7 +365,7 @@ def main(argv=None):
   if args.settings:
     cfg.settings = tuple(args.settings.split(","))
   if args.speed and cfg.threads == "1":
-    os.environ.update(SINGLE_THREAD_ENV)  # Before JAX and XLA start (imported below).
+    use_one_cpu()  # Before JAX and XLA start (imported below).
   sys.path.insert(0, str(REPO))
   from adaptor.evaluation import write_json
 

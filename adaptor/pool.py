@@ -1,0 +1,344 @@
+"""Index search on every CPU core: one pinned worker process per core, over shared memory.
+
+    index = MatryoshkaIndex.load("indexes/big", workers=2)   # or index.start_workers(2)
+    scores, ids = index.search(queries, 10, schedule=[(64, 100), (256, 20), (768, 10)])
+    index.stop_workers()
+
+XLA's CPU runtime spreads one large matmul over the cores, but the rest of a
+search (top-k selection, shortlist gathers, re-ranking) runs on one, so a
+funnel search in one process barely gains from a second core. A `SearchPool`
+instead starts one worker process per CPU, each pinned to its CPU (so XLA in
+it uses only that one), and gives each worker a contiguous share of the
+queries. Every worker searches its share exactly as a single process would,
+so the results are the same, bit for bit.
+
+The index's arrays (vectors, prefix norms, quantised stores, first-stage
+copies) live in shared-memory files that every worker maps without copying:
+the pool moves them there when it starts (`MatryoshkaIndex.load(workers=)`
+reads them there directly), and the files are unlinked as soon as every
+worker has mapped them, so a killed program leaves none behind. Arrays a
+search needs later (the norms of a new prefix, a first-stage copy) are shared
+the same way with the request that first needs them.
+
+Workers are started with `python -m adaptor.pool`, not multiprocessing, so a
+user's script is never re-imported in them. A worker that dies fails the
+search with its exit code and stops the pool; the index then searches in one
+process again.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import traceback
+import weakref
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+from adaptor.data import InputError
+
+# Seconds a worker may take to start (import JAX, map the arrays).
+_START_TIMEOUT = 300.0
+_ERRORS = {"InputError": InputError, "ValueError": ValueError, "TypeError": TypeError}
+
+
+def available_cpus() -> list[int]:
+  """The CPUs this process may run on, in order."""
+  if hasattr(os, "sched_getaffinity"):
+    return sorted(os.sched_getaffinity(0))
+  return list(range(os.cpu_count() or 1))
+
+
+def _shm_dir() -> str:
+  return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+class SharedArrays:
+  """Arrays allocated in shared-memory files, with the files' paths until unlinked."""
+
+  def __init__(self):
+    self._paths = {}   # id(array) -> (array, path)
+    self._finalizer = weakref.finalize(self, _unlink_all, self._paths)
+
+  def empty(self, shape, dtype) -> np.ndarray:
+    """An uninitialised array in a new shared-memory file (page aligned)."""
+    shape = tuple(int(s) for s in shape)
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape))
+    size = max(1, count * dtype.itemsize)
+    fd, path = tempfile.mkstemp(prefix="matryoshka-", suffix=".shm", dir=_shm_dir())
+    try:
+      os.ftruncate(fd, size)
+      buf = mmap.mmap(fd, size)
+    except BaseException:
+      os.unlink(path)
+      raise
+    finally:
+      os.close(fd)
+    out = np.frombuffer(buf, dtype, count).reshape(shape)
+    self._paths[id(out)] = (out, path)
+    return out
+
+  def share(self, array) -> np.ndarray:
+    """`array` itself if it is one of ours and still has its file, else a shared copy."""
+    entry = self._paths.get(id(array))
+    if entry is not None and entry[0] is array:
+      return array
+    out = self.empty(array.shape, array.dtype)
+    out[...] = array
+    return out
+
+  def spec(self, array) -> tuple[str, tuple[int, ...], str]:
+    """(path, shape, dtype) that `attach` maps in another process."""
+    entry = self._paths.get(id(array))
+    if entry is None or entry[0] is not array:
+      raise ValueError("array is not in a shared-memory file of this SharedArrays")
+    return entry[1], array.shape, array.dtype.str
+
+  def unlink(self) -> None:
+    """Removes every file (the mappings stay valid where they exist)."""
+    _unlink_all(self._paths)
+
+
+def _unlink_all(paths: dict) -> None:
+  for _, path in list(paths.values()):
+    try:
+      os.unlink(path)
+    except FileNotFoundError:
+      pass
+  paths.clear()
+
+
+def attach(spec) -> np.ndarray:
+  """Maps an array shared by `SharedArrays.spec` (read-only, no copy)."""
+  path, shape, dtype = spec
+  dtype = np.dtype(dtype)
+  count = int(np.prod(shape))
+  with open(path, "rb") as f:
+    buf = mmap.mmap(f.fileno(), max(1, count * dtype.itemsize), access=mmap.ACCESS_READ)
+  return np.frombuffer(buf, dtype, count).reshape(shape)
+
+
+class WorkerError(RuntimeError):
+  """A search worker died or failed in a way that is not the caller's input."""
+
+
+class SearchPool:
+  """Worker processes that search one index, each on its own CPU.
+
+  Made by `MatryoshkaIndex.start_workers`; use the index's `search`, which
+  hands its validated, adapted queries to `search_rows` here.
+
+  Attributes:
+    workers: the number of worker processes.
+    cpus: the CPU each worker is pinned to.
+    pids: their process ids.
+  """
+
+  def __init__(self, index, workers: int | None = None, *, shared: SharedArrays | None = None,
+               cpus=None):
+    import jax
+    if jax.default_backend() != "cpu":
+      raise ValueError(f"search workers are for CPU search; the {jax.default_backend()} backend "
+                       f"already runs one search over the whole device")
+    cpus = list(available_cpus() if cpus is None else cpus)
+    if workers is None:
+      workers = len(cpus)
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+      raise ValueError(f"workers must be a positive int, got {workers!r}")
+    self.workers = int(workers)
+    self.cpus = [cpus[i % len(cpus)] for i in range(self.workers)]
+    self.shared = shared or SharedArrays()
+    self._sent = {}       # key -> the array the workers have for it
+    self._procs, self._conns = [], []
+    self._closed = False
+    arrays = self._base_arrays(index)
+    specs = {key: self.shared.spec(a) for key, a in arrays.items()}
+    meta = {"precision": index.precision, "block_size": index.block_size,
+            "stores": sorted(index._stores)}
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    try:
+      for cpu in self.cpus:
+        parent, child = socket.socketpair()
+        proc = subprocess.Popen([sys.executable, "-m", "adaptor.pool", str(child.fileno()), str(cpu)],
+                                pass_fds=(child.fileno(),), env=env)
+        child.close()
+        conn = Connection(parent.detach())
+        self._procs.append(proc)
+        self._conns.append(conn)
+        conn.send((meta, specs))
+      for i in range(self.workers):
+        self._reply(i, timeout=_START_TIMEOUT)
+    except BaseException:
+      self.close()
+      raise
+    finally:
+      self.shared.unlink()   # Every worker has mapped them (or the pool is closed).
+    self._sent.update(arrays)
+
+  @property
+  def pids(self) -> list[int]:
+    return [p.pid for p in self._procs]
+
+  def _base_arrays(self, index) -> dict:
+    """Moves the index's arrays into shared memory (once) and returns them by key."""
+    from adaptor import quant
+    index.vectors = self.shared.share(index.vectors)
+    index._device = None
+    index._derived = {}
+    arrays = {("vectors",): index.vectors}
+    for m in list(index._inv_norms):
+      index._inv_norms[m] = self.shared.share(index._inv_norms[m])
+      arrays[("norms", m)] = index._inv_norms[m]
+    for (p, m), store in list(index._stores.items()):
+      moved = {name: self.shared.share(a) for name, a in store.arrays().items()}
+      index._stores[(p, m)] = quant.store_from_arrays(p, m, moved)
+      for name, a in moved.items():
+        arrays[("store", p, m, name)] = a
+    return arrays
+
+  def _reply(self, i: int, *, timeout: float | None = None):
+    conn, proc = self._conns[i], self._procs[i]
+    try:
+      if timeout is not None and not conn.poll(timeout):
+        raise WorkerError(f"search worker {i} (pid {proc.pid}, CPU {self.cpus[i]}) did not answer "
+                          f"within {timeout:.0f} s")
+      msg = conn.recv()
+    except (EOFError, OSError):
+      code = proc.wait(timeout=10)
+      raise WorkerError(f"search worker {i} (pid {proc.pid}, CPU {self.cpus[i]}) exited with code "
+                        f"{code}; the pool is stopped (start_workers() starts a new one)") from None
+    if msg[0] == "error":
+      _, name, text, tb = msg
+      if name in _ERRORS:
+        return _ERRORS[name](text)
+      return WorkerError(f"search worker {i} (pid {proc.pid}) failed: {name}: {text}\n{tb}")
+    return msg
+
+  def search_rows(self, index, queries: np.ndarray, k: int, *, needs: dict, **how):
+    """Top-k rows for adapted queries [n_q, d], split over the workers in order.
+
+    Args:
+      index: the index this pool searches (its arrays in `needs` are shared
+        with the workers the first time).
+      needs: {key: array} of derived arrays the search reads
+        (`MatryoshkaIndex._worker_needs`).
+      how: dim, schedule, precision and query_batch, as `search_rows` takes them.
+    """
+    if self._closed:
+      raise WorkerError("the search pool is stopped")
+    new = {}
+    for key, array in needs.items():
+      if self._sent.get(key) is not array:
+        shared = self.shared.share(array)
+        if key[0] == "norms":
+          index._inv_norms[key[1]] = shared
+        new[key] = shared
+    specs = {key: self.shared.spec(a) for key, a in new.items()}
+    chunks = [c for c in np.array_split(np.arange(queries.shape[0]), self.workers) if len(c)]
+    try:
+      try:
+        for i, rows in enumerate(chunks):
+          try:
+            self._conns[i].send(("search", np.ascontiguousarray(queries[rows[0]:rows[-1] + 1]),
+                                 k, how, specs))
+          except OSError:   # A dead worker; _reply says how it ended.
+            self._reply(i)
+            raise
+        replies = [self._reply(i) for i in range(len(chunks))]
+      finally:
+        self.shared.unlink()
+    except BaseException:
+      self.close()   # Workers may be mid-reply: the pool cannot be reused.
+      raise
+    self._sent.update(new)
+    for r in replies:
+      if isinstance(r, BaseException):
+        raise r
+    return (np.concatenate([r[1] for r in replies]), np.concatenate([r[2] for r in replies]))
+
+  def close(self) -> None:
+    """Stops the workers; idempotent."""
+    if self._closed:
+      return
+    self._closed = True
+    for conn in self._conns:
+      try:
+        conn.send(("stop",))
+      except OSError:
+        pass
+    for proc in self._procs:
+      try:
+        proc.wait(timeout=10)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for conn in self._conns:
+      conn.close()
+    self.shared.unlink()
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:
+      pass
+
+  def __repr__(self):
+    state = "stopped" if self._closed else "running"
+    return f"SearchPool(workers={self.workers}, cpus={self.cpus}, {state})"
+
+
+def _worker(fd: int, cpu: int) -> None:
+  """A worker's life: map the index, then answer searches until told to stop."""
+  if hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, {cpu})   # Before XLA sizes its thread pool.
+  conn = Connection(fd)
+  try:
+    meta, specs = conn.recv()
+  except EOFError:
+    return
+  try:
+    import jax
+    from adaptor import quant
+    from adaptor.index import MatryoshkaIndex
+    arrays = {key: attach(spec) for key, spec in specs.items()}
+    stores = {}
+    for p, m in meta["stores"]:
+      stores[(p, m)] = quant.store_from_arrays(
+          p, m, {key[3]: a for key, a in arrays.items() if key[:3] == ("store", p, m)})
+    index = MatryoshkaIndex(arrays[("vectors",)], [], precision=meta["precision"],
+                            inv_norms={key[1]: a for key, a in arrays.items() if key[0] == "norms"},
+                            block_size=meta["block_size"], stores=stores)
+    conn.send(("ready", os.getpid()))
+  except Exception as e:
+    conn.send(("error", type(e).__name__, str(e), traceback.format_exc()))
+    return
+  while True:
+    try:
+      msg = conn.recv()
+    except EOFError:   # The parent is gone.
+      return
+    if msg[0] == "stop":
+      return
+    _, queries, k, how, specs = msg
+    try:
+      for key, spec in specs.items():
+        a = attach(spec)
+        if key[0] == "norms":
+          index._inv_norms[key[1]] = a
+          index._derived.pop(key, None)
+        else:
+          index._derived[key] = jax.device_put(a)
+      scores, rows = index.search_rows(queries, k, adapted=True, **how)
+      conn.send(("ok", scores, rows))
+    except Exception as e:
+      conn.send(("error", type(e).__name__, str(e), traceback.format_exc()))
+
+
+if __name__ == "__main__":
+  _worker(int(sys.argv[1]), int(sys.argv[2]))
