@@ -17,6 +17,7 @@ the corpus size. Ties always go to the lower corpus index.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 
 import jax
@@ -43,17 +44,23 @@ def default_sizes(dim: int, n_docs: int, n_queries: int, *, block_size: int | No
                   k: int | None = None, quantised: bool = False) -> tuple[int, int]:
   """(block_size, query_batch) for scoring `dim`-prefixes; given values are kept.
 
-  Measured on 2-core x86 CPUs, single-threaded, 1M x 768 corpus:
+  Measured on a 2-core x86 CPU (AMD EPYC), 1M x 768 corpus, 1000 queries.
+  XLA spreads a matmul over every CPU the process may use and runs the rest
+  of a search on one, so the best tiles depend on whether the process has
+  one CPU (pinned: a single-threaded run, or a search worker, see
+  adaptor/pool.py) or several:
   - up to 256 dims of the full-size rows, a score tile must stay in the L2
     cache (1024 documents x 256 queries = 1 MiB), which makes 16- and 64-dim
-    search 2-3x faster than 16384-document blocks; from 65 to 256 dims, 512
-    queries per block are 1.0-1.15x faster than 256;
+    search 2-3x faster than 16384-document blocks; from 65 to 256 dims, with
+    several CPUs, 512 queries per block are 1.0-1.15x faster than 256 (on one
+    CPU 256 is 1.05x faster);
   - beyond 256 dims the matmul dominates, and 1024 queries per corpus pass
-    halve how often each 4096-document block is read (1.1-1.4x faster);
+    halve how often each 4096-document block is read (1.05-1.4x faster);
   - a `contiguous` store of only the prefix (`normalized_prefix`) of up to 64
-    dims is read fastest in 4096 x 1024 tiles when more than 32 results are
-    kept (1.15-1.2x faster than 1024 x 256); with k <= 32 each block keeps
-    its own top k, which is 1.5x slower in the larger tiles;
+    dims, with more than 32 results kept, is read fastest in 4096 x 1024 tiles
+    with several CPUs (1.15-1.2x faster than 1024 x 256) and in 1024 x 512
+    tiles on one (1.1-1.15x faster than 4096 x 1024); with k <= 32 each block
+    keeps its own top k, which is 1.5x slower in the larger tiles;
   - `quantised` (int8 or binary) first stages keep 256 queries up to 256
     dims (see quant._MAX_BLOCK for their blocks).
   On a GPU or TPU, where each block is a kernel launch and caches are not the
@@ -61,15 +68,28 @@ def default_sizes(dim: int, n_docs: int, n_queries: int, *, block_size: int | No
   Both are clipped to the corpus and query counts.
   """
   accelerator = jax.default_backend() != "cpu"
-  large = dim > 256 or (contiguous and dim <= 64 and (k is None or k > 32))
+  one_cpu = not accelerator and _cpu_count() == 1
+  first_stage = contiguous and dim <= 64 and (k is None or k > 32)
   if block_size is None:
-    block_size = 65536 if accelerator else 4096 if large else 1024
+    block_size = (65536 if accelerator else 4096 if dim > 256 or (first_stage and not one_cpu)
+                  else 1024)
   if query_batch is None:
-    query_batch = (1024 if accelerator or large else
-                   512 if dim > 64 and not quantised else 256)
+    if accelerator or dim > 256 or (first_stage and not one_cpu):
+      query_batch = 1024
+    elif first_stage or (dim > 64 and not quantised and not one_cpu):
+      query_batch = 512
+    else:
+      query_batch = 256
   block_size = min(_check_positive(block_size, "block_size"), n_docs)
   query_batch = min(_check_positive(query_batch, "query_batch"), n_queries)
   return block_size, query_batch
+
+
+def _cpu_count() -> int:
+  """CPUs this process may run on (its affinity mask, where the OS has one)."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
 
 
 def check_dim(dim, full: int, *, name: str = "dim") -> int:
@@ -628,19 +648,18 @@ def funnel_search(
 
 
 # The funnel cost model: milliseconds per query on the CPU it was measured on
-# (experiments/funnel_costs.py: 1M x 768 float32, 1000 queries, one thread of a
-# 2-core AMD EPYC), fitted by least squares; first stages within about 20%,
-# re-rank stages within a factor of 2 (they are 10-100x cheaper). Other
-# machines scale it; the planner only ranks estimates and compares them with
-# full-size exact search.
+# (experiments/funnel_costs.py: 1M x 768 float32, 1000 queries, the process
+# pinned to one CPU of a 2-core AMD EPYC, as a search worker is), fitted by
+# least squares (the script prints the fit). Other machines scale it; the
+# planner only ranks estimates and compares them with full-size exact search.
 # Scanning, per million documents: base, per dim up to 256, per dim beyond
 # (longer prefixes use larger, more efficient tiles; see default_sizes).
-_SCAN_MS = (0.50, 0.0175, 0.0114)
+_SCAN_MS = (0.460, 0.0233, 0.0237)
 # Selecting the first stage's keep, per thousand kept: base, per dim (top-k of
 # group maxima, then re-scoring the members of the best groups).
-_SELECT_MS = (1.0, 0.0151)
+_SELECT_MS = (0.738, 0.0326)
 # Re-ranking, per thousand candidates: base (the gather), per dim; per thousand kept.
-_RERANK_MS = (0.095, 0.000176, 0.13)
+_RERANK_MS = (0.191, 0.00043, 0.115)
 
 
 def first_stage_cost(n_docs: int, dim: int, keep: int) -> float:

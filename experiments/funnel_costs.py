@@ -12,9 +12,10 @@ cost. This script times, on a synthetic n_docs x 768 float32 index, one thread:
      measured speed-up over it,
 
 and prints the tables with the model's estimate beside each measurement (both
-in ms per query; the model's constants were fitted to this script's run on a
-2-core AMD EPYC), so a machine that differs from the model shows as ratios far
-from 1. The planner only ranks estimates, so a uniform ratio does not matter.
+in ms per query; the model's constants are this script's least-squares fit,
+printed at the end, from its run on one pinned CPU of a 2-core AMD EPYC), so
+a machine that differs from the model shows as ratios far from 1. The planner
+only ranks estimates, so a uniform ratio does not matter.
 
 Run (1M docs, one thread, ~8 minutes, ~4 GB of memory):
   python experiments/funnel_costs.py --out results/funnel_costs
@@ -122,6 +123,25 @@ def measure(cfg: Config) -> dict:
   return res
 
 
+def fit(cfg: Config, res: dict) -> dict:
+  """Least-squares constants of the cost model (search._SCAN_MS, _SELECT_MS, _RERANK_MS).
+
+  First stages and full-size exact search (a first stage at d dims keeping
+  10) fit scan + selection; re-rank stages fit the re-rank constants.
+  """
+  n = cfg.n_docs / 1e6
+  rows = [(r["dim"], r["keep"], r["ms"]) for r in res["first"]] + [(cfg.d, 10, res["full_ms"])]
+  a = np.array([[n, n * min(m, 256), n * max(m - 256, 0), k / 1000, k / 1000 * m]
+                for m, k, _ in rows])
+  scan = np.linalg.lstsq(a, np.array([ms for *_, ms in rows]), rcond=None)[0]
+  b = np.array([[r["inputs"] / 1000, r["inputs"] / 1000 * r["dim"], r["keep"] / 1000]
+                for r in res["rerank"]])
+  rerank = np.linalg.lstsq(b, np.array([r["ms"] for r in res["rerank"]]), rcond=None)[0]
+  return {"_SCAN_MS": [round(float(v), 5) for v in scan[:3]],
+          "_SELECT_MS": [round(float(v), 5) for v in scan[3:]],
+          "_RERANK_MS": [round(float(v), 6) for v in rerank]}
+
+
 def _tables(cfg: Config, res: dict) -> str:
   import importlib
   search_lib = importlib.import_module("adaptor.search")
@@ -168,8 +188,10 @@ def main(argv=None):
     cfg.n_docs = args.n_docs
   t0 = time.perf_counter()
   res = {"config": dataclasses.asdict(cfg), "measured": measure(cfg)}
+  res["fitted"] = fit(cfg, res["measured"])
   res["seconds"] = time.perf_counter() - t0
-  table = _tables(cfg, res["measured"])
+  table = _tables(cfg, res["measured"]) + "\n\nLeast-squares constants for this machine: " + ", ".join(
+      f"{name} = {tuple(v)}" for name, v in res["fitted"].items())
   print("\n" + table + f"\n\n(total {res['seconds']:.0f} s)")
   write_results(cfg.out, res, table)
   return 0

@@ -1,6 +1,7 @@
 """Truncation and exact search against brute-force numpy references."""
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,8 @@ import numpy as np
 import pytest
 
 from adaptor.search import exact_search, l2_normalize, truncate
+
+search_lib = importlib.import_module("adaptor.search")  # the module (adaptor.search is also a function)
 
 
 def _brute(queries, corpus, k, dim):
@@ -225,11 +228,11 @@ def test_schedule_validation_and_cost():
   with pytest.raises(ValueError, match="last keep must be >= k=5, got 3"):
     check_schedule([(2, 3)], 4, k=5)
   # The model (ms/query on the reference CPU), by hand: scan + selection, then re-ranks.
-  scan_32 = 2.0 * (0.50 + 0.0175 * 32)
+  scan_32 = 2.0 * (0.460 + 0.0233 * 32)
   assert schedule_cost([(32, 400), (768, 10)], 2_000_000) == pytest.approx(
-      scan_32 + 0.4 * (1.0 + 0.0151 * 32) + 0.4 * (0.095 + 0.000176 * 768) + 0.01 * 0.13)
+      scan_32 + 0.4 * (0.738 + 0.0326 * 32) + 0.4 * (0.191 + 0.00043 * 768) + 0.01 * 0.115)
   exact = schedule_cost([(768, 10)], 1_000_000)
-  assert exact == pytest.approx(0.50 + 0.0175 * 256 + 0.0114 * 512 + 0.01 * (1 + 0.0151 * 768))
+  assert exact == pytest.approx(0.460 + 0.0233 * 256 + 0.0237 * 512 + 0.01 * (0.738 + 0.0326 * 768))
   # Cheaper with shorter first prefixes, smaller shortlists and fewer documents.
   assert (schedule_cost([(16, 200), (768, 10)], 10**6) < schedule_cost([(32, 200), (768, 10)], 10**6)
           < schedule_cost([(32, 1000), (768, 10)], 10**6) < exact)
@@ -257,3 +260,21 @@ def test_large_k_path_ties_and_tail():
   corpus = rng.normal(size=(1000, 8)).astype(np.float32)
   q = rng.normal(size=(3, 8)).astype(np.float32)
   _assert_same_topk(*search(q, corpus, 1000, block_size=512), *_brute(q, corpus, 1000, 8))
+
+
+def test_default_sizes_follow_the_cpus_the_process_may_use(monkeypatch):
+  # Pinned to one CPU (a single-threaded run or a search worker), XLA runs
+  # the matmul on that CPU alone and smaller tiles win (see default_sizes).
+  n, nq = 1_000_000, 4096
+  monkeypatch.setattr(search_lib, "_cpu_count", lambda: 2)
+  several = {(dim, c): search_lib.default_sizes(dim, n, nq, contiguous=c, k=100)
+             for dim in (64, 256, 768) for c in (False, True)}
+  monkeypatch.setattr(search_lib, "_cpu_count", lambda: 1)
+  one = {key: search_lib.default_sizes(key[0], n, nq, contiguous=key[1], k=100) for key in several}
+  assert several[(64, True)] == (4096, 1024) and one[(64, True)] == (1024, 512)
+  assert several[(256, False)] == (1024, 512) and one[(256, False)] == (1024, 256)
+  assert several[(768, False)] == one[(768, False)] == (4096, 1024)
+  assert several[(64, False)] == one[(64, False)] == (1024, 256)
+  # Given sizes are kept, and both are clipped to the corpus and the queries.
+  assert search_lib.default_sizes(64, 500, 7, contiguous=True, k=100) == (500, 7)
+  assert search_lib.default_sizes(64, n, nq, block_size=2048, query_batch=64) == (2048, 64)
