@@ -5,6 +5,7 @@
     scores, ids = index.search(query_embeddings, 10, schedule=[(32, 1000), (768, 10)])
     plan = plan_schedule(index, validation_query_embeddings)   # cheapest funnel at recall 0.99
     index.save("indexes/scifact"); index = MatryoshkaIndex.load("indexes/scifact")
+    index = MatryoshkaIndex.load("indexes/big", workers=None)   # one search process per CPU (pool.py)
 
     # Quantised stores (adaptor/quant.py) and mixed-precision funnels:
     index = MatryoshkaIndex.build(corpus_embeddings, adaptor=model, stores={"binary": 768, "int8": 256})
