@@ -34,6 +34,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import traceback
 import weakref
 from multiprocessing.connection import Connection
@@ -157,6 +158,7 @@ class SearchPool:
     self._sent = {}       # key -> the array the workers have for it
     self._procs, self._conns = [], []
     self._closed = False
+    self._lock = threading.Lock()   # One search at a time talks to the workers.
     arrays = self._base_arrays(index)
     specs = {key: self.shared.spec(a) for key, a in arrays.items()}
     meta = {"precision": index.precision, "block_size": index.block_size,
@@ -230,6 +232,10 @@ class SearchPool:
         (`MatryoshkaIndex._worker_needs`).
       how: dim, schedule, precision and query_batch, as `search_rows` takes them.
     """
+    with self._lock:
+      return self._search_rows(index, queries, k, needs, how)
+
+  def _search_rows(self, index, queries, k, needs, how):
     if self._closed:
       raise WorkerError("the search pool is stopped")
     new = {}

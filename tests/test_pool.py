@@ -172,3 +172,19 @@ def test_shared_arrays_round_trip_and_unlink():
   shared.unlink()
   with pytest.raises(ValueError, match="not in a shared-memory file"):
     shared.spec(np.zeros(3))
+
+
+def test_searches_from_several_threads_each_get_their_own_results(data):
+  from concurrent.futures import ThreadPoolExecutor
+  corpus, queries = data
+  ref = _index(corpus)
+  index = _index(corpus)
+  index.start_workers(2)
+  try:
+    dims = [8, 16, 24, 32, 40, 48, 56, 64]
+    with ThreadPoolExecutor(4) as ex:
+      found = list(ex.map(lambda m: index.search(queries, 5, dim=m), dims))
+    for m, (s, i) in zip(dims, found):
+      np.testing.assert_array_equal(i, ref.search(queries, 5, dim=m)[1], err_msg=f"dim {m}")
+  finally:
+    index.stop_workers()
