@@ -188,3 +188,16 @@ def test_searches_from_several_threads_each_get_their_own_results(data):
       np.testing.assert_array_equal(i, ref.search(queries, 5, dim=m)[1], err_msg=f"dim {m}")
   finally:
     index.stop_workers()
+
+
+def test_cli_search_with_workers_writes_the_same_run(data, tmp_path):
+  from adaptor import cli
+  corpus, queries = data
+  _index(corpus).save(tmp_path / "ix")
+  np.save(tmp_path / "q.npy", queries)
+  common = ["index", "search", "--index", str(tmp_path / "ix"), "--queries", str(tmp_path / "q.npy"),
+            "--schedule", "16:300,64:10"]
+  assert cli.main([*common, "--output", str(tmp_path / "one.tsv")]) == 0
+  assert cli.main([*common, "--output", str(tmp_path / "two.tsv"), "--workers", "2"]) == 0
+  one = (tmp_path / "one.tsv").read_text()
+  assert one == (tmp_path / "two.tsv").read_text() and len(one.splitlines()) == 1 + 37 * 10
