@@ -175,7 +175,9 @@ class SearchPool:
         self._conns.append(conn)
         conn.send((meta, specs))
       for i in range(self.workers):
-        self._reply(i, timeout=_START_TIMEOUT)
+        reply = self._reply(i, timeout=_START_TIMEOUT)
+        if isinstance(reply, BaseException):   # It could not map the index.
+          raise reply
     except BaseException:
       self.close()
       raise

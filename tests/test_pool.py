@@ -201,3 +201,15 @@ def test_cli_search_with_workers_writes_the_same_run(data, tmp_path):
   assert cli.main([*common, "--output", str(tmp_path / "two.tsv"), "--workers", "2"]) == 0
   one = (tmp_path / "one.tsv").read_text()
   assert one == (tmp_path / "two.tsv").read_text() and len(one.splitlines()) == 1 + 37 * 10
+
+
+def test_a_worker_that_cannot_map_the_index_fails_the_start(data):
+  from adaptor.pool import SearchPool
+  corpus, queries = data
+  index = _index(corpus)
+  shared = SharedArrays()
+  index.vectors = shared.share(index.vectors)
+  os.unlink(shared.spec(index.vectors)[0])   # Gone before the workers map it.
+  with pytest.raises(WorkerError, match=r"worker 0 \(pid \d+\) failed: FileNotFoundError"):
+    SearchPool(index, 2, shared=shared)
+  assert index.workers == 0 and index.search(queries, 3)[1].shape == (37, 3)
