@@ -336,7 +336,22 @@ def _group_maxima_top_k(queries, corpus, k, *, block_size, scale):
   dim = queries.shape[1]
   n_full = n_docs // block_size
 
+  # Up to 32 dims, scores laid out [documents, queries] (group maxima reduce
+  # along the first axis) scan 1.05-1.11x faster than [queries, documents],
+  # measured on CPU with one CPU and with two (1M docs, 500 kept); at 64
+  # dims it is no faster.
+  doc_major = dim <= 32
+
   def maxima(block, sc):
+    if doc_major:
+      s = jnp.einsum("bd,qd->bq", block[:, :dim].astype(queries.dtype), queries,
+                     preferred_element_type=jnp.float32)
+      if sc is not None:
+        s = s * sc[:, None]
+      pad = -s.shape[0] % group
+      if pad:  # Only the corpus tail: its last group is short.
+        s = jnp.pad(s, ((0, pad), (0, 0)), constant_values=-jnp.inf)
+      return s.reshape(-1, group, n_q).max(axis=1)
     s = jnp.einsum("qd,bd->qb", queries, block[:, :dim].astype(queries.dtype),
                    preferred_element_type=jnp.float32)
     if sc is not None:
@@ -351,10 +366,14 @@ def _group_maxima_top_k(queries, corpus, k, *, block_size, scale):
     return None, maxima(take(corpus), None if scale is None else take(scale))
 
   _, per_block = jax.lax.scan(step, None, jnp.arange(n_full, dtype=jnp.int32) * block_size)
-  parts = [jnp.transpose(per_block, (1, 0, 2)).reshape(n_q, -1)]
+  if doc_major:
+    parts = [jnp.transpose(per_block, (2, 0, 1)).reshape(n_q, -1)]
+  else:
+    parts = [jnp.transpose(per_block, (1, 0, 2)).reshape(n_q, -1)]
   tail = n_full * block_size
   if tail < n_docs:
-    parts.append(maxima(corpus[tail:], None if scale is None else scale[tail:]))
+    m = maxima(corpus[tail:], None if scale is None else scale[tail:])
+    parts.append(m.T if doc_major else m)
   group_max = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
   n_groups = group_max.shape[1]
   _, g = jax.lax.top_k(group_max, min(k, n_groups))

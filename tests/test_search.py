@@ -260,6 +260,12 @@ def test_large_k_path_ties_and_tail():
   corpus = rng.normal(size=(1000, 8)).astype(np.float32)
   q = rng.normal(size=(3, 8)).astype(np.float32)
   _assert_same_topk(*search(q, corpus, 1000, block_size=512), *_brute(q, corpus, 1000, 8))
+  # Up to 32 dims the maxima are laid out [documents, queries], beyond [queries, documents].
+  corpus = rng.normal(size=(1000, 48)).astype(np.float32)
+  q = rng.normal(size=(3, 48)).astype(np.float32)
+  for dim in (32, 48):
+    _assert_same_topk(*search(q, corpus, 300, dim=dim, block_size=512),
+                      *_brute(q, corpus, 300, dim))
 
 
 def test_default_sizes_follow_the_cpus_the_process_may_use(monkeypatch):
