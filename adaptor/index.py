@@ -394,7 +394,7 @@ class MatryoshkaIndex:
     """{key: host array} a search reads beyond the vectors and stores (see pool.SearchPool)."""
     float_dims = [dim] if stages is None else [m for m, _, p in stages if p == "float32"]
     needs = {("norms", m): self.prefix_inv_norms(m) for m in float_dims}
-    if stages is not None and all(p == "float32" for _, _, p in stages) and len(stages) > 1:
+    if stages is not None and all(p == "float32" for _, _, p in stages):
       m = stages[0][0]
       if self._first_stage(m) is not None:
         needs[("prefix", m)] = self._derived[("prefix-host", m)]
@@ -464,13 +464,13 @@ class MatryoshkaIndex:
                          f"default schedule {quant.format_schedule(self.schedule)}; pass dim= or "
                          f"schedule= to search otherwise")
       schedule = self.schedule
+    if schedule is None:
+      dim = self.d if dim is None else search_lib.check_dim(dim, self.d)
+      stages = (None if precision in (None, "float32") else
+                quant.check_schedule([(dim, k, precision)], self.d, n_docs=self.n, k=k))
+    else:
+      stages = quant.check_schedule(schedule, self.d, n_docs=self.n, k=k)
     if self._pool is not None:
-      if schedule is None:
-        dim = self.d if dim is None else search_lib.check_dim(dim, self.d)
-        stages = (None if precision in (None, "float32") else
-                  quant.check_schedule([(dim, k, precision)], self.d, n_docs=self.n, k=k))
-      else:
-        stages = quant.check_schedule(schedule, self.d, n_docs=self.n, k=k)
       if stages is not None:
         self._store_for_schedule(stages)
       try:
@@ -482,20 +482,15 @@ class MatryoshkaIndex:
         if self._pool._closed:   # A worker died: later searches run here.
           self._pool = None
         raise
-    if schedule is None:
-      dim = self.d if dim is None else search_lib.check_dim(dim, self.d)
-      if precision in (None, "float32"):
-        return search_lib.search(q, self._corpus(), k, dim=dim, block_size=block,
-                                 query_batch=query_batch, inv_norms=self._device_norms(dim))
-      stages = quant.check_schedule([(dim, k, precision)], self.d, n_docs=self.n, k=k)
-    else:
-      stages = quant.check_schedule(schedule, self.d, n_docs=self.n, k=k)
-      if all(p == "float32" for _, _, p in stages):
-        pairs = tuple((m, c) for m, c, _ in stages)
-        norms = {m: self._device_norms(m) for m, _ in pairs}
-        return search_lib.funnel_search(q, self._corpus(), pairs, k=k, inv_norms=norms,
-                                        block_size=block, query_batch=query_batch,
-                                        first_stage=self._first_stage(pairs[0][0]))
+    if stages is None:
+      return search_lib.search(q, self._corpus(), k, dim=dim, block_size=block,
+                               query_batch=query_batch, inv_norms=self._device_norms(dim))
+    if all(p == "float32" for _, _, p in stages):
+      pairs = tuple((m, c) for m, c, _ in stages)
+      norms = {m: self._device_norms(m) for m, _ in pairs}
+      return search_lib.funnel_search(q, self._corpus(), pairs, k=k, inv_norms=norms,
+                                      block_size=block, query_batch=query_batch,
+                                      first_stage=self._first_stage(pairs[0][0]))
     block, query_batch = search_lib.default_sizes(stages[0][0], self.n, q.shape[0], block_size=block,
                                                   query_batch=query_batch,
                                                   quantised=stages[0][2] != "float32")

@@ -42,17 +42,11 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from adaptor.data import InputError
+from adaptor.search import available_cpus
 
 # Seconds a worker may take to start (import JAX, map the arrays).
 _START_TIMEOUT = 300.0
 _ERRORS = {"InputError": InputError, "ValueError": ValueError, "TypeError": TypeError}
-
-
-def available_cpus() -> list[int]:
-  """The CPUs this process may run on, in order."""
-  if hasattr(os, "sched_getaffinity"):
-    return sorted(os.sched_getaffinity(0))
-  return list(range(os.cpu_count() or 1))
 
 
 def _shm_dir() -> str:

@@ -68,7 +68,7 @@ def default_sizes(dim: int, n_docs: int, n_queries: int, *, block_size: int | No
   Both are clipped to the corpus and query counts.
   """
   accelerator = jax.default_backend() != "cpu"
-  one_cpu = not accelerator and _cpu_count() == 1
+  one_cpu = not accelerator and len(available_cpus()) == 1
   first_stage = contiguous and dim <= 64 and (k is None or k > 32)
   if block_size is None:
     block_size = (65536 if accelerator else 4096 if dim > 256 or (first_stage and not one_cpu)
@@ -85,11 +85,11 @@ def default_sizes(dim: int, n_docs: int, n_queries: int, *, block_size: int | No
   return block_size, query_batch
 
 
-def _cpu_count() -> int:
-  """CPUs this process may run on (its affinity mask, where the OS has one)."""
+def available_cpus() -> list[int]:
+  """The CPUs this process may run on (its affinity mask, where the OS has one), in order."""
   if hasattr(os, "sched_getaffinity"):
-    return len(os.sched_getaffinity(0))
-  return os.cpu_count() or 1
+    return sorted(os.sched_getaffinity(0))
+  return list(range(os.cpu_count() or 1))
 
 
 def check_dim(dim, full: int, *, name: str = "dim") -> int:

@@ -272,10 +272,10 @@ def test_default_sizes_follow_the_cpus_the_process_may_use(monkeypatch):
   # Pinned to one CPU (a single-threaded run or a search worker), XLA runs
   # the matmul on that CPU alone and smaller tiles win (see default_sizes).
   n, nq = 1_000_000, 4096
-  monkeypatch.setattr(search_lib, "_cpu_count", lambda: 2)
+  monkeypatch.setattr(search_lib, "available_cpus", lambda: [0, 1])
   several = {(dim, c): search_lib.default_sizes(dim, n, nq, contiguous=c, k=100)
              for dim in (64, 256, 768) for c in (False, True)}
-  monkeypatch.setattr(search_lib, "_cpu_count", lambda: 1)
+  monkeypatch.setattr(search_lib, "available_cpus", lambda: [0])
   one = {key: search_lib.default_sizes(key[0], n, nq, contiguous=key[1], k=100) for key in several}
   assert several[(64, True)] == (4096, 1024) and one[(64, True)] == (1024, 512)
   assert several[(256, False)] == (1024, 512) and one[(256, False)] == (1024, 256)
