@@ -12,7 +12,10 @@ One run prints four tables and writes them all to <out>/results.json:
      per CPU (MatryoshkaIndex.start_workers, see adaptor/pool.py).
   2. Funnel search with the schedule planned on real data (table 3, mpnet)
      vs full-size exact search, on the same synthetic corpus: speed-up over
-     FAISS and over this library's full-size search.
+     FAISS and over this library's full-size search. Each funnel run
+     alternates with a FAISS full-size run (`repeats` pairs), and the
+     speed-up over FAISS is the median of the per-pair ratios, so the
+     machine's drift over minutes does not enter it.
   3. Quality on SciFact (both models), with an adaptor fitted on the corpus and
      the train queries: nDCG@10 and recall@10 against full-size exact results
      for exact search at each dim and for the planned funnel, next to the time
@@ -49,7 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import median_time, peak_rss_bytes, synthetic, use_one_cpu, write_results
+from common import (median_time, paired_times, peak_rss_bytes, synthetic, use_one_cpu,
+                    write_results)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -160,6 +164,7 @@ def worker_speed(cfg: Config, extra: dict, threads: str) -> dict:
   queries = _synthetic(cfg, cfg.n_queries, 2)
   out = {"exact": {}, "funnel": {}}
   exact_rows = {}
+  faiss_full = None   # (index, queries): full-size FAISS, timed again beside each funnel.
   import jax
   on_cpu = jax.default_backend() == "cpu"
   for dim in cfg.dims:
@@ -181,7 +186,6 @@ def worker_speed(cfg: Config, extra: dict, threads: str) -> dict:
     flat.search(q[:10], k)
     t_faiss = median_time(lambda: flat.search(q, k), reps)
     _, faiss_rows = flat.search(q, k)
-    del flat
 
     def numpy_search():
       best_s = np.full((len(q), k), -np.inf, np.float32)
@@ -196,6 +200,9 @@ def worker_speed(cfg: Config, extra: dict, threads: str) -> dict:
       return best_s, best_i
     t_numpy = median_time(numpy_search, cfg.numpy_repeats)
     del prefix
+    if dim == cfg.d:
+      faiss_full = (flat, q)
+    del flat
     out["exact"][str(dim)] = {
         "ours_qps": cfg.n_queries / ours, "faiss_qps": cfg.n_queries / t_faiss,
         "numpy_qps": cfg.n_queries / t_numpy, "ours_s": ours, "faiss_s": t_faiss,
@@ -208,22 +215,36 @@ def worker_speed(cfg: Config, extra: dict, threads: str) -> dict:
   funnel_rows = []
   for schedule in [extra["schedule"]] + [_parse_schedule(t) for t in cfg.more_schedules]:
     schedule = _with_stores(index, schedule)
-    index.search_rows(queries, k, schedule=schedule, adapted=True)   # compile
-    t = median_time(lambda: index.search_rows(queries, k, schedule=schedule, adapted=True), reps)
+    run = lambda: index.search_rows(queries, k, schedule=schedule, adapted=True)  # noqa: E731
+    run()   # compile
+    t, t_faiss, ratio = _beside_faiss(run, faiss_full, k, reps)
     _, rows = index.search_rows(queries, k, schedule=schedule, adapted=True)
     funnel_rows.append(rows)
     out["funnels"].append({
         "schedule": [list(s) for s in schedule], "s": t, "qps": cfg.n_queries / t,
-        "speedup_vs_faiss_full": full["faiss_s"] / t if "faiss_s" in full else None,
+        "faiss_full_s_paired": t_faiss, "speedup_vs_faiss_full": ratio,
         "speedup_vs_ours_full": full["ours_s"] / t,
         "synthetic_recall_vs_full": _overlap(rows, exact_rows[cfg.d])})
-    print(f"[threads={threads}] funnel {_schedule_text(schedule)}: {t:.2f}s", flush=True)
+    print(f"[threads={threads}] funnel {_schedule_text(schedule)}: {t:.2f}s"
+          + (f" (faiss full beside it {t_faiss:.2f}s, {ratio:.2f}x)" if ratio else ""), flush=True)
   if threads == "all" and on_cpu:
-    _time_workers(cfg, index, queries, out, exact_rows, funnel_rows)
+    _time_workers(cfg, index, queries, out, exact_rows, funnel_rows, faiss_full)
   return out
 
 
-def _time_workers(cfg: Config, index, queries, out: dict, exact_rows: dict, funnel_rows: list):
+def _beside_faiss(run, faiss_full, k: int, reps: int):
+  """(median s of run, median s of full-size FAISS beside it, median per-pair speed-up).
+
+  Without FAISS (a GPU run) only the first is measured.
+  """
+  if faiss_full is None:
+    return median_time(run, reps), None, None
+  flat, q = faiss_full
+  return paired_times(run, lambda: flat.search(q, k), reps)
+
+
+def _time_workers(cfg: Config, index, queries, out: dict, exact_rows: dict, funnel_rows: list,
+                  faiss_full):
   """Adds the library's times with one pinned worker process per CPU (adaptor/pool.py)."""
   k, reps = cfg.k, cfg.repeats
   t = time.perf_counter()
@@ -246,13 +267,17 @@ def _time_workers(cfg: Config, index, queries, out: dict, exact_rows: dict, funn
       print(f"[{index.workers} workers] exact dim {dim}: {took:.2f}s", flush=True)
     full = out["exact"][str(cfg.d)]
     for f, ref in zip(out["funnels"], funnel_rows):
-      took, rows = timed(schedule=[tuple(s) for s in f["schedule"]])
+      schedule = [tuple(s) for s in f["schedule"]]
+      index.search_rows(queries, k, adapted=True, schedule=schedule)   # compile in every worker
+      took, t_faiss, ratio = _beside_faiss(
+          lambda: index.search_rows(queries, k, adapted=True, schedule=schedule), faiss_full, k, reps)
+      rows = index.search_rows(queries, k, adapted=True, schedule=schedule)[1]
       f.update({"workers_qps": cfg.n_queries / took, "workers_s": took,
                 "workers_same_as_one_process": bool(np.array_equal(rows, ref)),
-                "workers_speedup_vs_faiss_full": full["faiss_s"] / took if "faiss_s" in full else None,
+                "workers_faiss_full_s_paired": t_faiss, "workers_speedup_vs_faiss_full": ratio,
                 "workers_speedup_vs_ours_full": full["workers_s"] / took})
-      print(f"[{index.workers} workers] funnel {_schedule_text(f['schedule'])}: {took:.2f}s",
-            flush=True)
+      print(f"[{index.workers} workers] funnel {_schedule_text(f['schedule'])}: {took:.2f}s"
+            + (f" (faiss full beside it {t_faiss:.2f}s, {ratio:.2f}x)" if ratio else ""), flush=True)
   finally:
     index.stop_workers()
 
@@ -375,7 +400,8 @@ def _tables(cfg: Config, res: dict) -> str:
     real = res.get("quality", {}).get(cfg.plan_model, {}).get("rows", {})
     lines += ["", "## 2. Funnels vs full-size exact search on the same corpus "
               f"(the first planned on SciFact/{cfg.plan_model})", "",
-              "| threads | library runs in | schedule | queries/s | speed-up vs faiss full "
+              "| threads | library runs in | schedule | queries/s "
+              "| speed-up vs faiss full (median of interleaved pairs) "
               "| speed-up vs library full | recall@10 vs full (SciFact test, real) "
               "| recall@10 vs full (synthetic) |", "|---|---|---|---|---|---|---|---|"]
     for threads, sp in speed.items():

@@ -58,6 +58,27 @@ def median_time(fn, repeats: int) -> float:
   return float(np.median(times))
 
 
+def paired_times(ours, theirs, repeats: int) -> tuple[float, float, float]:
+  """Times `theirs` and `ours` alternately, `repeats` pairs.
+
+  This machine's speed drifts by 10-15% over minutes, so a ratio of two
+  medians taken minutes apart can swing by as much. Within a pair the two
+  run seconds apart, and the median of the per-pair ratios is what a
+  speed-up claim quotes.
+
+  Returns:
+    (median seconds of ours, median seconds of theirs, median of theirs/ours per pair).
+  """
+  a, b = [], []
+  for _ in range(repeats):
+    for fn, times in ((theirs, b), (ours, a)):
+      t = time.perf_counter()
+      fn()
+      times.append(time.perf_counter() - t)
+  ratios = [y / x for x, y in zip(a, b)]
+  return float(np.median(a)), float(np.median(b)), float(np.median(ratios))
+
+
 def peak_rss_bytes() -> int:
   """This process's peak resident set size (VmHWM)."""
   for line in open("/proc/self/status"):
