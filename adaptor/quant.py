@@ -869,14 +869,14 @@ def funnel(queries, schedule, stage_data, *, k: int, block_size: int, query_batc
   """
   data = [stage_data(p, m) for m, _, p in schedule]
   query_batch = min(query_batch, queries.shape[0])
-  out_s, out_i = [], []
-  for q, n in search_lib._query_batches(queries, query_batch):
+  (m1, keep1, p1), rest = schedule[0], schedule[1:]
+  block = min(block_size, _MAX_BLOCK.get(p1, block_size))
+
+  def step(q):
     q = jnp.asarray(q)
-    (m, keep, p), rest = schedule[0], schedule[1:]
-    block = min(block_size, _MAX_BLOCK.get(p, block_size))
-    s, i = first_stage(q, data[0], precision=p, dim=m, keep=keep, block_size=block)
+    s, i = first_stage(q, data[0], precision=p1, dim=m1, keep=keep1, block_size=block)
     for (m, keep, p), d in zip(rest, data[1:]):
       s, i = rerank_stage(q, d, i, precision=p, dim=m, keep=keep)
-    out_s.append(np.asarray(s[:n, :k]))
-    out_i.append(np.asarray(i[:n, :k]))
-  return np.concatenate(out_s), np.concatenate(out_i)
+    return s, i
+
+  return search_lib.run_batches(step, queries, query_batch, k)

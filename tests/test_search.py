@@ -284,3 +284,67 @@ def test_default_sizes_follow_the_cpus_the_process_may_use(monkeypatch):
   # Given sizes are kept, and both are clipped to the corpus and the queries.
   assert search_lib.default_sizes(64, 500, 7, contiguous=True, k=100) == (500, 7)
   assert search_lib.default_sizes(64, n, nq, block_size=2048, query_batch=64) == (2048, 64)
+
+
+def test_default_sizes_give_every_cpu_a_batch(monkeypatch):
+  # Several CPUs: batches of at most ceil(n_queries / cpus), rounded up to 8,
+  # so that run_batches has one for each CPU; one CPU keeps whole batches.
+  monkeypatch.setattr(search_lib, "available_cpus", lambda: [0, 1])
+  assert search_lib.default_sizes(768, 1_000_000, 1000) == (4096, 504)
+  assert search_lib.default_sizes(32, 1_000_000, 1000, contiguous=True, k=500) == (4096, 504)
+  assert search_lib.default_sizes(768, 1_000_000, 5) == (4096, 5)   # Clipped to the queries.
+  monkeypatch.setattr(search_lib, "available_cpus", lambda: [0])
+  assert search_lib.default_sizes(768, 1_000_000, 1000) == (4096, 1000)
+
+
+def test_run_batches_in_threads_equals_one_at_a_time(monkeypatch):
+  import threading
+  import time
+  rng = np.random.default_rng(5)
+  queries = rng.normal(size=(23, 6)).astype(np.float32)
+  running, most, lock = [0], [0], threading.Lock()
+
+  def step(q):  # Scores: the batch itself; "indices": each row's first value's rank.
+    with lock:
+      running[0] += 1
+      most[0] = max(most[0], running[0])
+    time.sleep(0.05)   # Long enough for the batches to overlap.
+    with lock:
+      running[0] -= 1
+    return q * 2, np.argsort(q, axis=1)
+
+  monkeypatch.setattr(search_lib, "available_cpus", lambda: [0])
+  serial = search_lib.run_batches(step, queries, 4, k=3)
+  assert most[0] == 1
+  monkeypatch.setattr(search_lib, "available_cpus", lambda: [0, 1, 2])
+  assert search_lib.query_threads(6) == 3 and search_lib.query_threads(1) == 1
+  threaded = search_lib.run_batches(step, queries, 4, k=3)
+  assert most[0] == 3   # Three batches ran at once, never more.
+  for got, ref in zip(threaded, serial):
+    np.testing.assert_array_equal(got, ref)
+  np.testing.assert_array_equal(threaded[0], queries[:, :3] * 2)   # In order, padding dropped.
+  np.testing.assert_array_equal(threaded[1], np.argsort(queries, axis=1)[:, :3])
+
+  def failing(q):
+    if q[0, 0] == queries[8, 0]:
+      raise ValueError("batch 3 failed")
+    return step(q)
+  with pytest.raises(ValueError, match="batch 3 failed"):
+    search_lib.run_batches(failing, queries, 4)
+
+
+def test_threaded_search_and_funnel_equal_one_cpu(monkeypatch):
+  # The same results whether batches run in threads (several CPUs) or one
+  # at a time, with the batch sizes each setting picks.
+  rng = np.random.default_rng(6)
+  corpus = rng.normal(size=(3000, 64)).astype(np.float32)
+  q = rng.normal(size=(37, 64)).astype(np.float32)
+  out = {}
+  for cpus in ([0], [0, 1]):
+    monkeypatch.setattr(search_lib, "available_cpus", lambda cpus=cpus: cpus)
+    out[len(cpus)] = (search_lib.search(q, corpus, 7, dim=48),
+                      search_lib.funnel_search(q, corpus, [(16, 100), (64, 7)]))
+  for one, several in zip(out[1], out[2]):
+    np.testing.assert_array_equal(one[1], several[1])
+    np.testing.assert_allclose(one[0], several[0], atol=1e-6)
+  _assert_same_topk(*out[2][0], *_brute(q, corpus, 7, 48))
