@@ -493,11 +493,17 @@ def run_batches(step, queries, query_batch: int, k: int | None = None):
     parts = [one(item) for item in _query_batches(queries, query_batch)]
   else:
     pool, pending, parts = _executor(threads), collections.deque(), []
-    for item in _query_batches(queries, query_batch):
-      pending.append(pool.submit(one, item))
-      if len(pending) >= threads:
+    try:
+      for item in _query_batches(queries, query_batch):
+        pending.append(pool.submit(one, item))
+        if len(pending) >= threads:
+          parts.append(pending.popleft().result())
+      while pending:
         parts.append(pending.popleft().result())
-    parts += [f.result() for f in pending]
+    except BaseException:
+      for f in pending:   # A failed batch (or an interrupt) fails the search: start no more.
+        f.cancel()
+      raise
   return np.concatenate([s for s, _ in parts]), np.concatenate([i for _, i in parts])
 
 
