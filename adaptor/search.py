@@ -74,7 +74,8 @@ def default_sizes(dim: int, n_docs: int, n_queries: int, *, block_size: int | No
   Both are clipped to the corpus and query counts.
   """
   accelerator = jax.default_backend() != "cpu"
-  one_cpu = not accelerator and len(available_cpus()) == 1
+  cpus = 0 if accelerator else len(available_cpus())
+  one_cpu = cpus == 1
   first_stage = contiguous and dim <= 64 and (k is None or k > 32)
   if block_size is None:
     block_size = (65536 if accelerator else 4096 if dim > 256 or (first_stage and not one_cpu)
@@ -86,9 +87,8 @@ def default_sizes(dim: int, n_docs: int, n_queries: int, *, block_size: int | No
       query_batch = 512
     else:
       query_batch = 256
-    if not accelerator and not one_cpu:
+    if cpus > 1:
       # At least one batch per CPU, so that `run_batches` keeps every CPU busy.
-      cpus = len(available_cpus())
       per_cpu = -(-n_queries // cpus)
       query_batch = min(query_batch, -(-per_cpu // 8) * 8)
   block_size = min(_check_positive(block_size, "block_size"), n_docs)

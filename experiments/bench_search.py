@@ -215,10 +215,8 @@ def worker_speed(cfg: Config, extra: dict, threads: str) -> dict:
   funnel_rows = []
   for schedule in [extra["schedule"]] + [_parse_schedule(t) for t in cfg.more_schedules]:
     schedule = _with_stores(index, schedule)
-    run = lambda: index.search_rows(queries, k, schedule=schedule, adapted=True)  # noqa: E731
-    run()   # compile
-    t, t_faiss, ratio = _beside_faiss(run, faiss_full, k, reps)
-    _, rows = index.search_rows(queries, k, schedule=schedule, adapted=True)
+    rows, t, t_faiss, ratio = _timed(
+        lambda: index.search_rows(queries, k, schedule=schedule, adapted=True), faiss_full, k, reps)
     funnel_rows.append(rows)
     out["funnels"].append({
         "schedule": [list(s) for s in schedule], "s": t, "qps": cfg.n_queries / t,
@@ -232,15 +230,17 @@ def worker_speed(cfg: Config, extra: dict, threads: str) -> dict:
   return out
 
 
-def _beside_faiss(run, faiss_full, k: int, reps: int):
-  """(median s of run, median s of full-size FAISS beside it, median per-pair speed-up).
+def _timed(run, faiss_full, k: int, reps: int):
+  """(rows, median s of run, median s of full-size FAISS beside it, median per-pair speed-up).
 
-  Without FAISS (a GPU run) only the first is measured.
+  The first call compiles (in every worker, with workers) and gives the rows.
+  Without FAISS (a GPU run, or exact search) only run's time is measured.
   """
+  rows = run()[1]
   if faiss_full is None:
-    return median_time(run, reps), None, None
+    return rows, median_time(run, reps), None, None
   flat, q = faiss_full
-  return paired_times(run, lambda: flat.search(q, k), reps)
+  return (rows, *paired_times(run, lambda: flat.search(q, k), reps))
 
 
 def _time_workers(cfg: Config, index, queries, out: dict, exact_rows: dict, funnel_rows: list,
@@ -252,14 +252,10 @@ def _time_workers(cfg: Config, index, queries, out: dict, exact_rows: dict, funn
   out["workers"] = index.workers
   out["workers_start_s"] = time.perf_counter() - t
   try:
-    def timed(**how):
-      index.search_rows(queries, k, adapted=True, **how)   # compile in every worker
-      took = median_time(lambda: index.search_rows(queries, k, adapted=True, **how), reps)
-      return took, index.search_rows(queries, k, adapted=True, **how)[1]
-
     for dim in cfg.dims:
       r = out["exact"][str(dim)]
-      took, rows = timed(dim=dim)
+      rows, took, _, _ = _timed(lambda: index.search_rows(queries, k, adapted=True, dim=dim),
+                                None, k, reps)
       r.update({"workers_qps": cfg.n_queries / took, "workers_s": took,
                 "workers_same_as_one_process": bool(np.array_equal(rows, exact_rows[dim]))})
       if "faiss_s" in r:
@@ -268,10 +264,8 @@ def _time_workers(cfg: Config, index, queries, out: dict, exact_rows: dict, funn
     full = out["exact"][str(cfg.d)]
     for f, ref in zip(out["funnels"], funnel_rows):
       schedule = [tuple(s) for s in f["schedule"]]
-      index.search_rows(queries, k, adapted=True, schedule=schedule)   # compile in every worker
-      took, t_faiss, ratio = _beside_faiss(
+      rows, took, t_faiss, ratio = _timed(
           lambda: index.search_rows(queries, k, adapted=True, schedule=schedule), faiss_full, k, reps)
-      rows = index.search_rows(queries, k, adapted=True, schedule=schedule)[1]
       f.update({"workers_qps": cfg.n_queries / took, "workers_s": took,
                 "workers_same_as_one_process": bool(np.array_equal(rows, ref)),
                 "workers_faiss_full_s_paired": t_faiss, "workers_speedup_vs_faiss_full": ratio,

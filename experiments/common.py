@@ -61,7 +61,7 @@ def median_time(fn, repeats: int) -> float:
 def paired_times(ours, theirs, repeats: int) -> tuple[float, float, float]:
   """Times `theirs` and `ours` alternately, `repeats` pairs.
 
-  This machine's speed drifts by 10-15% over minutes, so a ratio of two
+  This machine's speed drifts by 10-20% over minutes, so a ratio of two
   medians taken minutes apart can swing by as much. Within a pair the two
   run seconds apart, and the median of the per-pair ratios is what a
   speed-up claim quotes.
