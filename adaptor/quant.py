@@ -480,11 +480,10 @@ def _top_k_scan(score_block, score_rows, block_q, row_q, docs, k: int, *, block_
   if tail < n_docs:
     parts.append(maxima(score_block(block_q, tuple(None if a is None else a[tail:] for a in docs))))
   group_max = (jnp.concatenate(parts) if len(parts) > 1 else parts[0]).T   # [n_q, n_groups]
-  _, g = jax.lax.top_k(group_max, min(k, group_max.shape[1]))
-  g = jnp.sort(g, axis=1)  # Ascending groups: ties go to the lower index below.
+  g, bound = search_lib.best_groups(group_max, k)
 
   def one_query(xs):  # lax.map vmaps this over chunks of queries.
-    q, gq = xs
+    q, gq, t = xs
     # The short last group's slab is shifted back to end at the last row; the
     # rows it borrows from the group before are masked.
     starts = jnp.minimum(gq * _GROUP, n_docs - _GROUP)
@@ -493,13 +492,13 @@ def _top_k_scan(score_block, score_rows, block_q, row_q, docs, k: int, *, block_
             -1, *a.shape[1:]) for a in docs)
     rows = starts[:, None] + jnp.arange(_GROUP, dtype=starts.dtype)
     s = score_rows(q, slabs)
-    s = jnp.where((rows >= gq[:, None] * _GROUP).reshape(-1), s, -jnp.inf)
+    s = jnp.where((rows >= gq[:, None] * _GROUP).reshape(-1) & (s >= t), s, -jnp.inf)
     top, pos = jax.lax.top_k(s, k)
     return top, rows.reshape(-1)[pos].astype(jnp.int32)
 
   row_bytes = sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize for a in leaves)
   chunk = max(1, min(n_q, _GATHER_BYTES // max(1, g.shape[1] * _GROUP * row_bytes)))
-  return jax.lax.map(one_query, (row_q, g), batch_size=chunk)
+  return jax.lax.map(one_query, (row_q, g, bound), batch_size=chunk)
 
 
 def _rerank(score_rows, queries, docs, candidates, keep: int):

@@ -386,12 +386,10 @@ def _group_maxima_top_k(queries, corpus, k, *, block_size, scale):
     m = maxima(corpus[tail:], None if scale is None else scale[tail:])
     parts.append(m.T if doc_major else m)
   group_max = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-  n_groups = group_max.shape[1]
-  _, g = jax.lax.top_k(group_max, min(k, n_groups))
-  g = jnp.sort(g, axis=1)  # Ascending groups: ties go to the lower index below.
+  g, bound = best_groups(group_max, k)
 
   def one_query(xs):  # lax.map vmaps this over chunks of queries.
-    q, gq = xs
+    q, gq, t = xs
     # Each group is one contiguous [group, dim] slab. The short last group's
     # slab is shifted back to end at the last row; rows it borrows from the
     # group before are masked, so no row is counted twice.
@@ -401,12 +399,59 @@ def _group_maxima_top_k(queries, corpus, k, *, block_size, scale):
     s = jnp.einsum("kgd,d->kg", slabs.astype(jnp.float32), q, preferred_element_type=jnp.float32)
     if scale is not None:
       s = s * jax.vmap(lambda st: jax.lax.dynamic_slice(scale, (st,), (group,)))(starts)
-    s = jnp.where(rows >= gq[:, None] * group, s, -jnp.inf).reshape(-1)
+    s = jnp.where((rows >= gq[:, None] * group) & (s >= t), s, -jnp.inf).reshape(-1)
     top, pos = jax.lax.top_k(s, k)
     return top, rows.reshape(-1)[pos]
 
   chunk = max(1, min(n_q, _RERANK_FLOATS // max(1, g.shape[1] * group * dim)))
-  return jax.lax.map(one_query, (queries, g), batch_size=chunk)
+  return jax.lax.map(one_query, (queries, g, bound), batch_size=chunk)
+
+
+# `best_groups` bounds each query's k-th best group maximum from below with
+# the (2k/16 + 16)-th best of every 16th maximum. About 2k maxima reach that
+# bound (fewer than k in well under one query in a million, on any order of
+# the corpus that is not periodic in steps of 16 groups), and lax.top_k on
+# CPU (a partial sort that pushes every element better than its running k-th
+# into a heap) then handles only those: 1.1x faster for a 32:500 first stage
+# over 1M documents (measured side by side, one CPU).
+_SAMPLE_STRIDE = 16
+# Members are re-scored apart from the blocked matmul that found their group's
+# maximum, so a score may differ from it in the last bits: members are
+# dropped only this far below the bound (relative, and absolute near zero).
+_BOUND_SLACK = 1e-4
+
+
+def best_groups(group_max, k: int):
+  """The k groups with the best maxima, ascending, and a bound below which no top-k member lies.
+
+  Args:
+    group_max: float32 [n_q, n_groups], each group's best score per query.
+    k: the number of best members wanted (groups kept: min(k, n_groups)).
+
+  Returns:
+    (groups, bound): int32 [n_q, min(k, n_groups)] group indices in
+    ascending order (equal maxima go to the lower index), and float32 [n_q]:
+    the k best members of these groups all score at least bound (members of
+    the k best groups hold at least k scores >= the k-th best maximum), so
+    members below it can be masked before their top k; -inf when no bound was
+    taken (k < 64, or too few groups to sample).
+  """
+  n_q, n_groups = group_max.shape
+  k = min(k, n_groups)
+  j = (2 * k) // _SAMPLE_STRIDE + 16
+  if k < 64 or -(-n_groups // _SAMPLE_STRIDE) < 4 * j:
+    _, g = jax.lax.top_k(group_max, k)
+    return jnp.sort(g, axis=1), jnp.full((n_q,), -jnp.inf, jnp.float32)
+  # The minimum of the j best sampled maxima (not the j-th alone: XLA turns a
+  # top-k of which only one column is used into a full sort, 10x slower).
+  bound = jax.lax.top_k(group_max[:, ::_SAMPLE_STRIDE], j)[0].min(axis=1)
+  best, g = jax.lax.top_k(jnp.where(group_max >= bound[:, None], group_max, -jnp.inf), k)
+  # A query with fewer than k maxima at its bound would lose groups: then the
+  # whole batch selects again without bounds.
+  short = jnp.any(best.min(axis=1) < bound)
+  g = jax.lax.cond(short, lambda: jax.lax.top_k(group_max, k)[1], lambda: g)
+  bound = jnp.where(short, -jnp.inf, bound - _BOUND_SLACK * (1 + jnp.abs(bound)))
+  return jnp.sort(g, axis=1), bound
 
 
 @functools.partial(jax.jit, static_argnames=("k", "dim", "block_size", "normalize"))

@@ -348,3 +348,49 @@ def test_threaded_search_and_funnel_equal_one_cpu(monkeypatch):
     np.testing.assert_array_equal(one[1], several[1])
     np.testing.assert_allclose(one[0], several[0], atol=1e-6)
   _assert_same_topk(*out[2][0], *_brute(q, corpus, 7, 48))
+
+
+def _np_best_groups(group_max, k):
+  """numpy reference: the k best groups per row (ties to the lower index), ascending."""
+  return np.sort(np.argsort(-group_max, axis=1, kind="stable")[:, :k], axis=1)
+
+
+def test_best_groups_bound_and_its_fallback():
+  rng = np.random.default_rng(11)
+  k = 100                    # bounded from k = 64, with at least 64 * (2k/16 + 16) groups
+  x = rng.normal(size=(3, 2000)).astype(np.float32)
+  g, bound = jax.jit(search_lib.best_groups, static_argnames="k")(x, k=k)
+  np.testing.assert_array_equal(np.asarray(g), _np_best_groups(x, k))
+  kth = -np.sort(-x, axis=1)[:, k - 1]
+  bound = np.asarray(bound)
+  assert np.all(np.isfinite(bound)) and np.all(bound <= kth)
+  # It prunes: far fewer than all maxima reach it, but at least k.
+  reach = (x >= bound[:, None]).sum(axis=1)
+  assert np.all((reach >= k) & (reach < 1000))
+  # Periodic maxima defeat the sample (its best are every 16th group, fewer
+  # than k reach its bound): the batch falls back to an unbounded selection.
+  y = x.copy()
+  y[1, ::16] += 10
+  g, bound = search_lib.best_groups(y, k)
+  np.testing.assert_array_equal(np.asarray(g), _np_best_groups(y, k))
+  np.testing.assert_array_equal(np.asarray(bound), -np.inf)
+  # Equal maxima everywhere: the lowest groups. Below k = 64 no bound is taken.
+  g, bound = search_lib.best_groups(np.zeros((2, 2000), np.float32), k)
+  np.testing.assert_array_equal(np.asarray(g), np.arange(k)[None].repeat(2, 0))
+  assert np.all(np.asarray(bound) <= 0)
+  g, bound = search_lib.best_groups(x, 63)
+  np.testing.assert_array_equal(np.asarray(g), _np_best_groups(x, 63))
+  np.testing.assert_array_equal(np.asarray(bound), -np.inf)
+
+
+def test_bounded_group_selection_matches_brute_force():
+  # 60,000 rows make 1875 groups of 32, enough for k = 100 to be bounded.
+  rng = np.random.default_rng(12)
+  corpus = rng.normal(size=(60_000, 8)).astype(np.float32)
+  q = rng.normal(size=(3, 8)).astype(np.float32)
+  _assert_same_topk(*search(q, corpus, 100, block_size=4096), *_brute(q, corpus, 100, 8))
+  # Equal rows: every member sits at the bound, and ties go to the lower index.
+  scores, idx = search(np.ones((2, 4), np.float32), np.ones((60_000, 4), np.float32), 100,
+                       block_size=4096)
+  np.testing.assert_array_equal(idx, np.arange(100)[None].repeat(2, 0))
+  np.testing.assert_allclose(scores, 1.0, rtol=1e-6)
