@@ -13,9 +13,10 @@ One run prints four tables and writes them all to <out>/results.json:
   2. Funnel search with the schedule planned on real data (table 3, mpnet)
      vs full-size exact search, on the same synthetic corpus: speed-up over
      FAISS and over this library's full-size search. Each funnel run
-     alternates with a FAISS full-size run (`repeats` pairs), and the
-     speed-up over FAISS is the median of the per-pair ratios, so the
-     machine's drift over minutes does not enter it.
+     alternates with a FAISS full-size run (`repeats` pairs, rounded up to
+     even, half of them with FAISS first), and the speed-up over FAISS is
+     the median of the per-pair ratios, so neither the machine's drift over
+     minutes nor the order within a pair enters it (common.paired_times).
   3. Quality on SciFact (both models), with an adaptor fitted on the corpus and
      the train queries: nDCG@10 and recall@10 against full-size exact results
      for exact search at each dim and for the planned funnel, next to the time

@@ -59,19 +59,25 @@ def median_time(fn, repeats: int) -> float:
 
 
 def paired_times(ours, theirs, repeats: int) -> tuple[float, float, float]:
-  """Times `theirs` and `ours` alternately, `repeats` pairs.
+  """Times `theirs` and `ours` in pairs (`repeats` rounded up to even), alternating which runs first.
 
   This machine's speed drifts by 10-20% over minutes, so a ratio of two
   medians taken minutes apart can swing by as much. Within a pair the two
   run seconds apart, and the median of the per-pair ratios is what a
-  speed-up claim quotes.
+  speed-up claim quotes. The order alternates (theirs-ours, ours-theirs, ...)
+  because a run right after the other side's is slower than a run after
+  its own: a 32:500 funnel over 1M x 768 on one CPU ran 8.1x faster than
+  FAISS full-size search right after it, and 9.4x as the second of two
+  funnel runs (medians of 5; the kernel's DAMON monitor, which clears the
+  accessed bits of memory left idle, is the likely cause).
 
   Returns:
     (median seconds of ours, median seconds of theirs, median of theirs/ours per pair).
   """
   a, b = [], []
-  for _ in range(repeats):
-    for fn, times in ((theirs, b), (ours, a)):
+  for i in range(repeats + repeats % 2):   # each order equally often
+    pair = ((theirs, b), (ours, a)) if i % 2 == 0 else ((ours, a), (theirs, b))
+    for fn, times in pair:
       t = time.perf_counter()
       fn()
       times.append(time.perf_counter() - t)
