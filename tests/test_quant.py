@@ -379,7 +379,7 @@ def test_cli_parsers():
 
 
 def test_bounded_group_selection_in_quantised_scans():
-  # 60,000 rows: enough groups of 32 for k = 100 to take a bound (search.best_groups).
+  # 60,000 rows: group maxima, then members masked below the bound (search.best_groups).
   rng = np.random.default_rng(13)
   docs = rng.integers(0, 256, (60_000, 2), dtype=np.uint8)
   q = rng.integers(0, 256, (3, 2), dtype=np.uint8)
