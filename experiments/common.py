@@ -68,8 +68,9 @@ def paired_times(ours, theirs, repeats: int) -> tuple[float, float, float]:
   because a run right after the other side's is slower than a run after
   its own: a 32:500 funnel over 1M x 768 on one CPU ran 8.1x faster than
   FAISS full-size search right after it, and 9.4x as the second of two
-  funnel runs (medians of 5; the kernel's DAMON monitor, which clears the
-  accessed bits of memory left idle, is the likely cause).
+  funnel runs (medians of 5; the cause is not pinned down: the kernel's
+  DAMON monitor, which clears the accessed bits of memory left idle, is one
+  suspect).
 
   Returns:
     (median seconds of ours, median seconds of theirs, median of theirs/ours per pair).
