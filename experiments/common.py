@@ -59,7 +59,7 @@ def median_time(fn, repeats: int) -> float:
 
 
 def paired_times(ours, theirs, repeats: int) -> tuple[float, float, float]:
-  """Times `theirs` and `ours` in pairs (`repeats` rounded up to even), alternating which runs first.
+  """Times `theirs` and `ours` in pairs (`repeats`, rounded up to even), each first in half.
 
   This machine's speed drifts by 10-20% over minutes, so a ratio of two
   medians taken minutes apart can swing by as much. Within a pair the two

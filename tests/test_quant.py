@@ -379,14 +379,14 @@ def test_cli_parsers():
 
 
 def test_bounded_group_selection_in_quantised_scans():
-  # 60,000 rows: group maxima, then members masked below the bound (search.best_groups).
+  # Group maxima (313 groups, k = 100), then members masked below the bound (search.best_groups).
   rng = np.random.default_rng(13)
-  docs = rng.integers(0, 256, (60_000, 2), dtype=np.uint8)
+  docs = rng.integers(0, 256, (10_000, 2), dtype=np.uint8)
   q = rng.integers(0, 256, (3, 2), dtype=np.uint8)
   _, rows = quant.hamming_top_k(q, docs, 100, block_size=4096)
   want = _order(_np_hamming(q, docs), 100)
   np.testing.assert_array_equal(np.asarray(rows), want)
-  codes = rng.integers(-3, 4, (60_000, 8)).astype(np.int8)
+  codes = rng.integers(-3, 4, (10_000, 8)).astype(np.int8)
   cq = rng.integers(-2, 3, (3, 8)).astype(np.int8)
   ints = cq.astype(np.int64) @ codes.astype(np.int64).T
   s, rows = quant.int8_top_k(cq, np.ones(3, np.float32), np.zeros(3, np.float32), codes, 100,
