@@ -484,17 +484,14 @@ def _top_k_scan(score_block, score_rows, block_q, row_q, docs, k: int, *, block_
 
   def one_query(xs):  # lax.map vmaps this over chunks of queries.
     q, gq, t = xs
-    # The short last group's slab is shifted back to end at the last row; the
-    # rows it borrows from the group before are masked.
+    # The short last group's slab is shifted back to end at the last row (see
+    # search.top_members).
     starts = jnp.minimum(gq * _GROUP, n_docs - _GROUP)
     slabs = tuple(None if a is None else jax.vmap(
         lambda st, a=a: jax.lax.dynamic_slice_in_dim(a, st, _GROUP))(starts).reshape(
             -1, *a.shape[1:]) for a in docs)
-    rows = starts[:, None] + jnp.arange(_GROUP, dtype=starts.dtype)
-    s = score_rows(q, slabs)
-    s = jnp.where((rows >= gq[:, None] * _GROUP).reshape(-1) & (s >= t), s, -jnp.inf)
-    top, pos = jax.lax.top_k(s, k)
-    return top, rows.reshape(-1)[pos].astype(jnp.int32)
+    top, rows = search_lib.top_members(score_rows(q, slabs), starts, gq, t, k, _GROUP)
+    return top, rows.astype(jnp.int32)
 
   row_bytes = sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize for a in leaves)
   chunk = max(1, min(n_q, _GATHER_BYTES // max(1, g.shape[1] * _GROUP * row_bytes)))

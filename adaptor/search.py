@@ -395,13 +395,10 @@ def _group_maxima_top_k(queries, corpus, k, *, block_size, scale):
     # group before are masked, so no row is counted twice.
     starts = jnp.minimum(gq * group, n_docs - group)
     slabs = jax.vmap(lambda st: jax.lax.dynamic_slice(corpus, (st, 0), (group, dim)))(starts)
-    rows = starts[:, None] + jnp.arange(group, dtype=starts.dtype)
     s = jnp.einsum("kgd,d->kg", slabs.astype(jnp.float32), q, preferred_element_type=jnp.float32)
     if scale is not None:
       s = s * jax.vmap(lambda st: jax.lax.dynamic_slice(scale, (st,), (group,)))(starts)
-    s = jnp.where((rows >= gq[:, None] * group) & (s >= t), s, -jnp.inf).reshape(-1)
-    top, pos = jax.lax.top_k(s, k)
-    return top, rows.reshape(-1)[pos]
+    return top_members(s, starts, gq, t, k, group)
 
   chunk = max(1, min(n_q, _RERANK_FLOATS // max(1, g.shape[1] * group * dim)))
   return jax.lax.map(one_query, (queries, g, bound), batch_size=chunk)
@@ -441,6 +438,27 @@ def best_groups(group_max, k: int):
   # which one column alone is used into a full sort, 10x slower.
   kth = best.min(axis=1)
   return g, kth - _BOUND_SLACK * (1 + jnp.abs(kth))
+
+
+def top_members(scores, starts, groups, bound, k: int, group: int):
+  """One query's top k among the members of its best groups: (scores [k], rows [k]).
+
+  Args:
+    scores: the members' scores, [n_groups_kept * group] or [n_groups_kept, group].
+    starts: int [n_groups_kept], the first row of each scored slab: a group's
+      own first row, or for the corpus's short last group a slab shifted back
+      to end at the last row (the rows it borrows from the group before are
+      masked, so no row is counted twice).
+    groups: int [n_groups_kept], the groups (ascending, from `best_groups`).
+    bound: this query's bound from `best_groups`; members below it are masked.
+    k: results kept.
+    group: documents per group.
+  """
+  rows = starts[:, None] + jnp.arange(group, dtype=starts.dtype)
+  s = scores.reshape(rows.shape)
+  s = jnp.where((rows >= groups[:, None] * group) & (s >= bound), s, -jnp.inf).reshape(-1)
+  top, pos = jax.lax.top_k(s, k)
+  return top, rows.reshape(-1)[pos]
 
 
 @functools.partial(jax.jit, static_argnames=("k", "dim", "block_size", "normalize"))
