@@ -96,16 +96,27 @@ def plot(results: dict, path, *, metric: str = "ndcg@10", title: str = "") -> No
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  plot_lines(ax, results, metric)
+  ax.set_title(title)
+  ax.legend()
+  save_figure(fig, path)
+
+
+def plot_lines(ax, results: dict, metric: str = "ndcg@10") -> None:
+  """Draws one line per method of `results` on a matplotlib axis, dims on a log axis.
+
+  Ticks sit at the evaluated dims and read as plain numbers (16, 32, ..., the full size).
+  """
+  every = sorted({int(d) for row in results.values() for d in row})
   for name, row in results.items():
     dims = sorted(int(d) for d in row)
     ax.plot(dims, [row[str(d)][metric] for d in dims], marker="o", label=name)
   ax.set_xscale("log", base=2)
+  ax.set_xticks(every, [str(d) for d in every])
+  ax.minorticks_off()
   ax.set_xlabel("dims kept")
   ax.set_ylabel(metric)
-  ax.set_title(title)
   ax.grid(alpha=0.3)
-  ax.legend()
-  save_figure(fig, path)
 
 
 def save_figure(fig, path) -> None:
