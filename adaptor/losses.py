@@ -90,6 +90,22 @@ def reconstruction_loss(base, adapted):
   return jnp.mean(jnp.sum(jnp.square(adapted - base), axis=-1))
 
 
+def orthogonality_penalty(kernel, probes):
+  """Stochastic estimate of how far a linear map is from an isometry, relative to its size.
+
+  With z ~ N(0, I), E ||K^T K z - z||^2 = ||K^T K - I||_F^2, so the mean over
+  probes, divided by d_out, is 0 exactly when the map keeps every cosine (and
+  the full-size ranking) of its inputs. Probing costs O(d_in d_out p) instead
+  of the O(d_in d_out^2) of forming K^T K.
+
+  Args:
+    kernel: the map, with shape [d_in, d_out] (outputs are `x @ kernel`).
+    probes: standard normal vectors, with shape [p, d_out].
+  """
+  back = (probes @ kernel.T) @ kernel
+  return jnp.mean(jnp.sum(jnp.square(back - probes), axis=-1)) / kernel.shape[1]
+
+
 def rank_distillation_loss(anchor_full, candidates_full, anchor_adapted, candidates_adapted,
                            *, dims, temperature=0.05, weights=None, mask=None):
   """Listwise distillation of the frozen model's ranking into every prefix.
