@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
   from adaptor.doctor import add_check_command
   from adaptor.index import add_index_commands
   add_index_commands(sub)
+  from adaptor.qdrant import add_qdrant_commands
+  add_qdrant_commands(sub)
   from adaptor.budget import add_plan_command
   add_plan_command(sub)
   add_check_command(sub)
