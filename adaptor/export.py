@@ -192,7 +192,10 @@ def write_file(path, data: bytes, *, overwrite: bool = False) -> None:
       except FileExistsError:
         raise InputError(f"export path {path} exists; pass overwrite=True (--overwrite) to "
                          "replace it") from None
-      os.remove(tmp)
+      except OSError:  # No hard links on this filesystem: checked above, rename instead.
+        os.replace(tmp, path)
+      else:
+        os.remove(tmp)
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
       os.fsync(dir_fd)

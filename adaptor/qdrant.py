@@ -168,7 +168,7 @@ def create_collection(collection: str, dims, *, quantization: Mapping[int, str] 
       quantisation of that named vector (servers only; local mode ignores it).
     hnsw_dims: the sizes that get an HNSW graph (default all); the others are
       only re-scored, which needs none (e.g. (32,) for 32:500,128:50,768:10).
-    overwrite: delete and recreate a collection whose vectors differ.
+    overwrite: delete and recreate an existing collection (start over).
     **where: path=, url=, api_key= or client= (see `connect`).
 
   Returns:
@@ -465,7 +465,8 @@ def add_qdrant_commands(subparsers) -> argparse.ArgumentParser:
                  help="prefixes that get an HNSW graph (default all), e.g. 32")
   u.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
   u.add_argument("--overwrite", action="store_true",
-                 help="recreate a collection whose prefixes differ")
+                 help="delete and recreate an existing collection (start over; without it, a "
+                 "collection with the same prefixes is resumed: existing points are kept)")
   u.add_argument("--quiet", action="store_true")
   u.set_defaults(handler=_cmd_upload)
 
