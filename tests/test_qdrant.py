@@ -15,7 +15,7 @@ pytest.importorskip("qdrant_client")
 import adaptor
 from adaptor import cli, qdrant
 from adaptor.model import MatryoshkaAdaptor, init_reorder_from_pca
-from conftest import REPO, subprocess_env
+from conftest import REPO, reap, subprocess_env
 
 SCHEDULE = "32:500,128:50,384:10"
 DIMS = (32, 128, 384)
@@ -153,44 +153,106 @@ def _all_points(client, n):
   return {p.payload["doc_id"]: p.vector for p in points}
 
 
-@pytest.mark.slow
-def test_upload_survives_sigkill_and_a_rerun_completes_it(tmp_path, scifact, xla_cache):
+N_KILL = 120  # Local mode commits each point on its own (~60 points/s here): keep it small.
+
+
+@pytest.fixture(scope="module")
+def kill_data(tmp_path_factory, scifact):
+  """(vectors file, the points of an uninterrupted upload to disk) for the SIGKILL tests."""
   from qdrant_client import QdrantClient
-  seed = int(os.environ.get("QDRANT_KILL_SEED", "0"))  # Try other moments by setting it.
-  rng = np.random.default_rng(seed)
-  n = 120  # Local mode commits each point on its own (~60 points/s here): keep it small.
-  x = np.asarray(scifact[0].vectors[:n])
-  np.save(tmp_path / "x.npy", x)
-  kill_batch, kill_row = int(rng.integers(0, n // 16)), int(rng.integers(0, 16))
-  note = f"seed {seed} (rerun with QDRANT_KILL_SEED={seed}): kill in batch {kill_batch} after row {kill_row}"
-  path = tmp_path / "qdrant"
-  proc = subprocess.run([sys.executable, "-c", _KILLED_UPLOAD, str(path), str(tmp_path / "x.npy"),
-                         str(kill_batch), str(kill_row)], env=subprocess_env(xla_cache),
-                        capture_output=True, text=True, timeout=120)
-  assert proc.returncode == -signal.SIGKILL, (note, proc.stderr[-2000:])
-  c = QdrantClient(path=str(path))
-  assert c.count("c", exact=True).count == 16 * kill_batch + kill_row, note
-  c.close()
-  stats = qdrant.upload("c", x, ids=[f"doc{i}" for i in range(n)], batch_size=16, path=path)
-  assert stats["skipped"] == 16 * kill_batch + kill_row and stats["uploaded"] == n - stats["skipped"], note
-  # The uninterrupted upload, also on disk (local mode keeps float32 in memory, float64 on disk).
-  clean = QdrantClient(path=str(tmp_path / "clean"))
+  folder = tmp_path_factory.mktemp("kill")
+  x = np.asarray(scifact[0].vectors[:N_KILL])
+  np.save(folder / "x.npy", x)
+  # On disk too: local mode keeps float32 vectors in memory, but float64 once reloaded.
+  clean = QdrantClient(path=str(folder / "clean"))
   qdrant.create_collection("c", DIMS, client=clean)
-  qdrant.upload("c", x, ids=[f"doc{i}" for i in range(n)], client=clean)
+  qdrant.upload("c", x, ids=[f"doc{i}" for i in range(N_KILL)], client=clean)
   clean.close()
-  clean = QdrantClient(path=str(tmp_path / "clean"))
-  want = _all_points(clean, n)
+  clean = QdrantClient(path=str(folder / "clean"))
+  want = _all_points(clean, N_KILL)
   clean.close()
+  return folder / "x.npy", want
+
+
+def _rerun_and_compare(path, x_file, want, note):
+  """Reruns the upload into `path`; it must end with the uninterrupted upload's points."""
+  from qdrant_client import QdrantClient
   c = QdrantClient(path=str(path))
-  assert c.count("c", exact=True).count == n, note
-  got = _all_points(c, n)
+  before = c.count("c", exact=True).count
+  c.close()
+  x = np.load(x_file)
+  stats = qdrant.upload("c", x, ids=[f"doc{i}" for i in range(N_KILL)], batch_size=16, path=path)
+  assert (stats["skipped"], stats["uploaded"]) == (before, N_KILL - before), note
+  c = QdrantClient(path=str(path))
+  assert c.count("c", exact=True).count == N_KILL, note
+  got = _all_points(c, N_KILL)
   c.close()
   assert got.keys() == want.keys(), note
   for doc, vecs in want.items():
     for name, v in vecs.items():
       np.testing.assert_array_equal(got[doc][name], v, err_msg=f"{note}: {doc} {name}")
   # A third run has nothing left to do.
-  assert qdrant.upload("c", x, ids=[f"doc{i}" for i in range(n)], path=path)["uploaded"] == 0
+  assert qdrant.upload("c", x, ids=[f"doc{i}" for i in range(N_KILL)], path=path)["uploaded"] == 0
+  return before
+
+
+@pytest.mark.slow
+def test_upload_killed_mid_batch_then_rerun_gives_the_same_collection(tmp_path, kill_data, xla_cache):
+  x_file, want = kill_data
+  seed = int(os.environ.get("QDRANT_KILL_SEED", "0"))  # Try other moments by setting it.
+  rng = np.random.default_rng(seed)
+  kill_batch, kill_row = int(rng.integers(0, N_KILL // 16)), int(rng.integers(0, 16))
+  note = (f"seed {seed} (rerun with QDRANT_KILL_SEED={seed}): SIGKILL in batch {kill_batch} "
+          f"after row {kill_row}")
+  path = tmp_path / "qdrant"
+  proc = subprocess.run([sys.executable, "-c", _KILLED_UPLOAD, str(path), str(x_file),
+                         str(kill_batch), str(kill_row)], env=subprocess_env(xla_cache),
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == -signal.SIGKILL, (note, proc.stderr[-2000:])
+  assert _rerun_and_compare(path, x_file, want, note) == 16 * kill_batch + kill_row, note
+
+
+_UPLOAD = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from adaptor import qdrant
+    path, vectors = sys.argv[1], sys.argv[2]
+    x = np.load(vectors)
+    qdrant.create_collection("c", (32, 128, 384), path=path)
+    qdrant.upload("c", x, ids=[f"doc{i}" for i in range(len(x))], batch_size=16, quiet=False,
+                  path=path)
+""")
+
+
+@pytest.mark.slow
+def test_upload_killed_from_outside_then_rerun_gives_the_same_collection(tmp_path, kill_data,
+                                                                         xla_cache):
+  """The parent SIGKILLs the uploader once it reports a seeded number of batches (wherever it is then)."""
+  x_file, want = kill_data
+  seed = int(os.environ.get("QDRANT_KILL_SEED", "0"))
+  after = int(np.random.default_rng(seed).integers(1, N_KILL // 16))
+  note = f"seed {seed} (rerun with QDRANT_KILL_SEED={seed}): SIGKILL after {after} batches reported"
+  path = tmp_path / "qdrant"
+  log = open(tmp_path / "stderr.txt", "w")
+  proc = subprocess.Popen([sys.executable, "-c", _UPLOAD, str(path), str(x_file)],
+                          env=subprocess_env(xla_cache), stdout=subprocess.PIPE, stderr=log,
+                          text=True)
+  try:
+    reported = 0
+    for line in proc.stdout:
+      reported += line.startswith("upload c:")
+      if reported == after:
+        proc.kill()
+        break
+    proc.wait(timeout=120)
+  finally:
+    reap(proc, log)
+  # The kill follows the progress line at once, and at least 2 batches (32 points, each its own
+  # SQLite commit) are left then: the child cannot have finished.
+  assert reported == after and proc.returncode == -signal.SIGKILL, (
+      note, (tmp_path / "stderr.txt").read_text()[-2000:])
+  before = _rerun_and_compare(path, x_file, want, note)
+  assert 16 * after <= before <= N_KILL, (note, before)
 
 
 def test_cli_upload_from_apply_shards_and_search(tmp_path, capsys, scifact):
@@ -204,6 +266,9 @@ def test_cli_upload_from_apply_shards_and_search(tmp_path, capsys, scifact):
   assert cli.main(["qdrant", "upload", *where, "--shards", str(tmp_path / "adapted"),
                    "--dims", "32,384", "--quiet"]) == 0
   assert "200 points: 200 uploaded, 0 already there" in capsys.readouterr().out
+  # The same shards again: everything is there already.
+  stats = qdrant.upload_shards("c", tmp_path / "adapted", path=tmp_path / "qdrant")
+  assert (stats["uploaded"], stats["skipped"]) == (0, 200)
   queries = scifact[1][:3]
   np.save(tmp_path / "q.npy", queries)
   assert cli.main(["qdrant", "search", *where, "--queries", str(tmp_path / "q.npy"),
