@@ -68,6 +68,25 @@ class Adaptor:
 
   __call__ = apply
 
+  def export(self, path, *, format: str = "safetensors", dim: int | None = None,
+             overwrite: bool = False) -> dict[str, str]:
+    """Writes the adaptor for serving without JAX (see adaptor/export.py).
+
+    Args:
+      path: the output file, written atomically.
+      format: "safetensors" (apply it with numpy: `adaptor.portable.PortableAdaptor`)
+        or "onnx" (input "embeddings" [batch, d_in] float32, output "vectors"
+        [batch, dim] float32; needs the `export` extra).
+      dim: output width in [1, d_out] (default d_out); the file applies at
+        any dim up to it (ONNX: exactly this dim).
+      overwrite: replace an existing file (otherwise it is refused).
+
+    Returns:
+      the metadata written (d_in, d_out, dim, dims, activation, ...).
+    """
+    from adaptor import export
+    return export.export(self, path, format=format, dim=dim, overwrite=overwrite)
+
   def save(self, directory, *, overwrite: bool = True) -> None:
     """Atomically writes the adaptor to `directory` (orbax params + config.json)."""
     tc = self.train_config

@@ -1,4 +1,4 @@
-"""Command line: `matryoshka-adaptor fit | apply | eval`.
+"""Command line: `matryoshka-adaptor fit | apply | eval | export | index | qdrant | plan | check`.
 
 Bad input (a file, an array, a checkpoint) exits with status 2 and one line
 that names the thing, what was expected and what was found.
@@ -137,9 +137,30 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--out", help="folder for results.json and the PNG plot")
   ev.add_argument("--quiet", action="store_true")
 
+  ex = sub.add_parser(
+      "export", help="write the adaptor for serving without JAX (safetensors or ONNX)",
+      description=(
+          "Write a fitted adaptor as safetensors (apply it with numpy alone: copy\n"
+          "adaptor/portable.py into the service) or as an ONNX graph (input \"embeddings\"\n"
+          "[batch, d_in] float32, output \"vectors\" [batch, dim], L2-normalised).\n"
+          "See docs/serving.md."),
+      epilog=("examples:\n  matryoshka-adaptor export --checkpoint checkpoints/scifact-minilm "
+              "--format safetensors --out scifact.safetensors\n"
+              "  matryoshka-adaptor export --checkpoint checkpoints/scifact-minilm --format onnx "
+              "--dim 64 --out scifact-64.onnx\n"),
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  ex.add_argument("--checkpoint", required=True)
+  ex.add_argument("--format", required=True, choices=["safetensors", "onnx"])
+  ex.add_argument("--out", required=True, help="output file (written atomically)")
+  ex.add_argument("--dim", type=int, help="output width (default: d_out; smaller files are "
+                  "faster and still exact for every prefix up to it)")
+  ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
   from adaptor.doctor import add_check_command
   from adaptor.index import add_index_commands
   add_index_commands(sub)
+  from adaptor.qdrant import add_qdrant_commands
+  add_qdrant_commands(sub)
   from adaptor.budget import add_plan_command
   add_plan_command(sub)
   add_check_command(sub)
@@ -260,6 +281,15 @@ def _cmd_apply(args):
   print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} {vectors.dtype} to {out}")
 
 
+def _cmd_export(args):
+  import adaptor
+
+  model = adaptor.load(args.checkpoint)
+  meta = model.export(args.out, format=args.format, dim=args.dim, overwrite=args.overwrite)
+  print(f"wrote {args.format} {args.out}: d_in={meta['d_in']} -> dim={meta['dim']} "
+        f"(dims {meta['dims']}, hidden={meta['hidden']}, {os.path.getsize(args.out)} bytes)")
+
+
 def _cmd_eval(args):
   import adaptor
   from adaptor import evaluation
@@ -294,7 +324,7 @@ def _cmd_eval(args):
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   try:
-    handlers = {"fit": _cmd_fit, "apply": _cmd_apply, "eval": _cmd_eval}
+    handlers = {"fit": _cmd_fit, "apply": _cmd_apply, "eval": _cmd_eval, "export": _cmd_export}
     rc = handlers.get(args.command, getattr(args, "handler", None))(args)
   except (ValueError, OSError) as e:  # InputError and CheckpointError are ValueErrors.
     print(f"matryoshka-adaptor {args.command}: error: {e}", file=sys.stderr)

@@ -531,6 +531,64 @@ class MatryoshkaIndex:
     ids = np.asarray(self.ids, dtype=object)
     return scores, ids[rows]
 
+  # ------------------------------------------------------------ FAISS
+
+  def to_faiss(self, dim: int | None = None, *, refine: bool = True, kind: str = "hnsw",
+               hnsw_m: int = 32, ef_construction: int = 200, ef_search: int = 128,
+               k_factor: float = 10.0):
+    """A FAISS index of the stored vectors: a `dim`-prefix first stage, re-scored at full size.
+
+    With `refine` (the default) it is the two-stage funnel [(dim, k * k_factor),
+    (d, k)]: an `IndexRefineFlat` whose base searches the re-normalised
+    `dim`-prefix (an `IndexPreTransform` that keeps the first `dim`
+    coordinates and L2-normalises them, over an `IndexHNSWFlat`, or an exact
+    `IndexFlatIP` with kind="flat") and whose refine stage re-scores the
+    base's k * k_factor candidates by inner product with the full-size rows
+    (cosine: they have unit norm). Without `refine`, it is the base alone,
+    scoring cosine at the prefix. With kind="flat" or a large `ef_search` its
+    results are this index's `search(schedule=[(dim, k * k_factor), (d, k)])`
+    (tests/test_index.py).
+
+    Queries go in adapted: `index.prepare_queries(raw)` ([n_queries, d] float32);
+    results are row numbers: `np.asarray(index.ids)[I]`. Save it with
+    `faiss.write_index`. Needs faiss (the `bench` extra: faiss-cpu).
+
+    Args:
+      dim: prefix length of the first stage, in [1, d] (default d).
+      refine: re-score the first stage's candidates at full size.
+      kind: "hnsw" (approximate graph search) or "flat" (exact) first stage.
+      hnsw_m, ef_construction, ef_search: HNSW graph degree and beam widths.
+      k_factor: the first stage returns k * k_factor candidates (with refine).
+
+    Returns:
+      a faiss.Index over the n rows, with metric inner product.
+    """
+    try:
+      import faiss
+    except ImportError:
+      raise InputError("to_faiss needs faiss: pip install 'matryoshka-adaptor[bench]' "
+                       "(faiss-cpu)") from None
+    dim = self.d if dim is None else search_lib.check_dim(dim, self.d)
+    if kind not in ("hnsw", "flat"):
+      raise InputError(f"kind must be 'hnsw' or 'flat', got {kind!r}")
+    if kind == "hnsw":
+      base = faiss.IndexHNSWFlat(dim, int(hnsw_m), faiss.METRIC_INNER_PRODUCT)
+      base.hnsw.efConstruction = int(ef_construction)
+      base.hnsw.efSearch = int(ef_search)
+    else:
+      base = faiss.IndexFlatIP(dim)
+    if dim < self.d:  # Keep the first dim coordinates (uniform=False), then re-normalise.
+      pre = faiss.IndexPreTransform(faiss.NormalizationTransform(dim, 2.0), base)
+      pre.prepend_transform(faiss.RemapDimensionsTransform(self.d, dim, False))
+      base = pre
+    out = base
+    if refine:
+      out = faiss.IndexRefineFlat(base)
+      out.k_factor = float(k_factor)
+    for start in range(0, self.n, _BUILD_ROWS):
+      out.add(np.ascontiguousarray(self.vectors[start:start + _BUILD_ROWS], np.float32))
+    return out
+
   # ------------------------------------------------------------ disk
 
   def save(self, directory, *, overwrite: bool = True) -> None:

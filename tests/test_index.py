@@ -243,3 +243,32 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
   assert "must have d=384 columns" in capsys.readouterr().err
   with pytest.raises(SystemExit):
     _cli(["index", "search", "--index", str(ok), "--queries", str(bad), "--schedule", "32-100"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_to_faiss_returns_the_library_funnel_on_scifact(kind):
+  faiss = pytest.importorskip("faiss")
+  from flax import nnx
+  from adaptor.model import init_reorder_from_pca
+  data = adaptor.load_beir(DATA, "all-MiniLM-L6-v2")
+  queries, _, _ = data.split_queries("test")
+  module = MatryoshkaAdaptor(384, hidden=0, rngs=nnx.Rngs(0))
+  init_reorder_from_pca(module, data.corpus.vectors)
+  index = MatryoshkaIndex.build(data.corpus.vectors, ids=data.corpus.ids,
+                                adaptor=adaptor.Adaptor(module))
+  q = index.prepare_queries(queries)
+  # Refined: [(32, 10 * 10), (384, 10)]; efSearch 400 >> 100 makes HNSW exact on 5183 docs.
+  fi = index.to_faiss(32, kind=kind, ef_search=400, k_factor=10)
+  assert isinstance(fi, faiss.IndexRefineFlat) and fi.ntotal == index.n
+  scores, rows = fi.search(q, 10)
+  ref_scores, ref_rows = index.search_rows(q, 10, schedule=[(32, 100), (384, 10)], adapted=True)
+  assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, ref_rows)]) >= 0.999
+  np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+  # Without refine: cosine at the 32-prefix, as exact search at dim=32.
+  scores, rows = index.to_faiss(32, kind=kind, refine=False, ef_search=400).search(q, 10)
+  ref_scores, ref_rows = index.search_rows(q, 10, dim=32, adapted=True)
+  assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, ref_rows)]) >= 0.999
+  np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+  with pytest.raises(adaptor.InputError, match="kind must be 'hnsw' or 'flat', got 'ivf'"):
+    index.to_faiss(32, kind="ivf")
