@@ -41,6 +41,7 @@ import numpy as np
 
 import adaptor
 from adaptor import evaluation
+from adaptor.stream import params_digest
 
 REPO = Path(__file__).resolve().parents[1]
 REGIMES = ("corpus", "queries", "log50")
@@ -130,7 +131,7 @@ def run_collection(cfg: Config, root: Path, model_name: str) -> dict:
   data = adaptor.load_beir(root, model_name)
   corpus = np.asarray(data.corpus.vectors, np.float32)
   d = corpus.shape[1]
-  dims = adaptor.default_dims(d)
+  dims = tuple(cfg.fit.get("dims") or adaptor.default_dims(d))
   train_q, train_ids, test_q, test_ids, test_qrels = query_splits(data, cfg.seed)
   train_q = np.asarray(train_q, np.float32)
   test_q = np.asarray(test_q, np.float32)
@@ -148,6 +149,7 @@ def run_collection(cfg: Config, root: Path, model_name: str) -> dict:
                                corpus_ids=data.corpus.ids, qrels=test_qrels, dims=dims)
     out["regimes"][regime] = {
         "n_queries": 0 if queries is None else len(queries), "fit_seconds": fit_seconds,
+        "params_digest": params_digest(model),
         "fit_info": {k: v for k, v in model.info.items() if k not in ("stages",)},
         "stages": {k: {"steps": v["steps"], "kept_step": v["kept_step"]}
                    for k, v in model.info.get("stages", {}).items()},
