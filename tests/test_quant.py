@@ -113,16 +113,37 @@ def test_calibration_codes_and_clipping():
   np.testing.assert_array_equal(codes, ref)
 
 
+def _in_fresh_process(code: str) -> dict:
+  """The JSON that `code` prints, run in a new interpreter on the CPU."""
+  import os
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def test_calibration_sample_is_deterministic():
   x = np.random.default_rng(3).normal(size=(1000, 4)).astype(np.float32)
   a = quant.calibrate_int8(x, calibration_rows=100)
-  b = quant.calibrate_int8(x, calibration_rows=100)
-  np.testing.assert_array_equal(a.scales, b.scales)
+  # Without a key: the 100 evenly spaced rows, worked out here.
   rows = np.linspace(0, 999, 100).round().astype(int)
+  lo, hi = x[rows].min(0), x[rows].max(0)
+  np.testing.assert_array_equal(a.scales, ((hi - lo) / 255.0).astype(np.float32))
   np.testing.assert_array_equal(a.offsets, quant.calibrate_int8(x[rows]).offsets)
   c = quant.calibrate_int8(x, calibration_rows=100, key=jax.random.key(7))
-  d = quant.calibrate_int8(x, calibration_rows=100, key=jax.random.key(7))
-  np.testing.assert_array_equal(c.scales, d.scales)
+  # The keyed sample is the same in a fresh interpreter (not a second call here).
+  fresh = _in_fresh_process(
+      "import json, jax, numpy as np; from adaptor import quant; "
+      "x = np.random.default_rng(3).normal(size=(1000, 4)).astype(np.float32); "
+      "c = quant.calibrate_int8(x, calibration_rows=100, key=jax.random.key(7)); "
+      "print(json.dumps({'scales': c.scales.tolist(), 'offsets': c.offsets.tolist()}))")
+  np.testing.assert_array_equal(c.scales, np.asarray(fresh["scales"], np.float32))
+  np.testing.assert_array_equal(c.offsets, np.asarray(fresh["offsets"], np.float32))
   assert not np.array_equal(a.scales, c.scales)
   with pytest.raises(ValueError, match="calibration_rows must be a positive int"):
     quant.calibrate_int8(x, calibration_rows=0)
