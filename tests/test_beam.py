@@ -48,6 +48,17 @@ def _npy_shards(folder, x, bounds):
     np.save(folder / f"part-{i}.npy", x[a:b])
 
 
+def _kill_seed() -> int:
+  """The seed that picks the kill moment: fixed, so a failure can be rerun as it was.
+
+  ADAPTOR_KILL_SEED=N overrides it (to try other moments); the seed is printed,
+  so pytest shows it with any failure.
+  """
+  seed = int(os.environ.get("ADAPTOR_KILL_SEED", "0"))
+  print(f"kill seed {seed} (rerun with ADAPTOR_KILL_SEED={seed})")
+  return seed
+
+
 def test_npy_pipeline_equals_in_memory_apply(setup, tmp_path):
   root, x, model = setup
   bounds = [0, 500, 900, 1200]
@@ -264,7 +275,7 @@ def test_pipeline_killed_mid_write_then_rerun_gives_the_uninterrupted_output(set
              "--batch-size", str(BATCH), "--rows-per-split", "10", *DIRECT]
   want = model.apply(x, dim=64, dtype=np.float32, batch_size=BATCH)
   env = subprocess_env(xla_cache)
-  seed = int.from_bytes(os.urandom(4), "little")
+  seed = _kill_seed()
   log = open(tmp_path / "killed.log", "w+")
   proc = subprocess.Popen(command, env=env, stdout=log, stderr=log)
   try:

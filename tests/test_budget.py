@@ -57,11 +57,16 @@ def test_pareto_front_and_choice():
     budget.choose(c, quality=1.1)
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def _tiny_data():
   rng = np.random.default_rng(0)
   corpus = (rng.normal(size=(400, 64)) * np.linspace(1.0, 0.05, 64)).astype(np.float32)
   queries = corpus[:30] + 0.05 * rng.normal(size=(30, 64)).astype(np.float32)
+  return corpus, queries
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  corpus, queries = _tiny_data()
   return MatryoshkaIndex.build(corpus), queries
 
 
@@ -69,9 +74,25 @@ def test_plan_budget_picks_best_within_budget(tiny):
   index, queries = tiny
   grid = Grid(dims=(16, 32, 64), shortlists=(4,), deep_shortlists=(10,))
   plan = budget.plan_budget(index, queries, k=5, bytes_per_vector=8, grid=grid, repeats=1)
+  # An independent reference: the true top 5 by cosine, brute force in numpy
+  # (the planner's own reference is the library's full-size search).
+  corpus, _ = _tiny_data()
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  truth = np.argsort(-(unit(queries.astype(np.float64)) @ unit(corpus.astype(np.float64)).T),
+                     axis=1)[:, :5]
+  recall = lambda rows: np.mean([len(set(r) & set(t)) / 5 for r, t in zip(rows, truth)])
   assert plan.metric == "recall@5" and plan.full_quality == 1.0
+  # Each candidate within the budget, searched again on a separately built index
+  # with the same stores, scored against the numpy truth.
+  stores = sorted({st for c in plan.candidates for st in budget.stores_for(c.schedule)})
+  check = MatryoshkaIndex.build(corpus, stores=stores)
   fits = [c for c in plan.candidates if c.memory_bytes <= 8]
-  assert plan.chosen.memory_bytes <= 8 and plan.chosen.quality == max(c.quality for c in fits)
+  assert len(fits) >= 3
+  measured = [recall(check.search_rows(queries, 5, schedule=c.schedule)[1]) for c in fits]
+  for c, want in zip(fits, measured):
+    assert c.quality == pytest.approx(want, abs=1e-12), c.schedule
+  assert plan.chosen.memory_bytes <= 8 and plan.chosen.quality == max(measured)
+  assert max(measured) < 1.0   # Else the budget would not have to trade anything.
   assert plan.choice in plan.frontier and index.stores == {}      # planned on a view
   # Everything in memory ("all"): 100 bytes rule out every float32 stage (64 * 4 + ...).
   strict = budget.plan_budget(index, queries, k=5, bytes_per_vector=100, grid=grid, repeats=1,

@@ -38,7 +38,21 @@ def test_fit_then_eval_beats_raw_truncation_and_pca(fitted, tmp_path, capsys):
   for dim in ("16", "32"):
     best_pca = max(res["pca"][dim]["ndcg@10"], res["pca-centred"][dim]["ndcg@10"])
     assert res["adaptor"][dim]["ndcg@10"] > best_pca + 0.02
-  assert 0 <= res["adaptor"]["64"]["recall@100"] <= 1
+  # Recall@100 at 64 dims recomputed here with numpy alone: the adapted prefixes,
+  # a full sort of the cosine scores, and the test qrels read line by line.
+  model = adaptor.load(fitted)
+  data = adaptor.load_beir(DATA, MODEL)
+  queries, query_ids, qrels = data.split_queries("test")
+  docs = model.apply(np.asarray(data.corpus.vectors, np.float32), dim=64)
+  top = np.argsort(-(model.apply(np.asarray(queries, np.float32), dim=64) @ docs.T), axis=1)
+  top = top[:, :100]
+  recalls = []
+  for row, qid in zip(top, query_ids):
+    relevant = {d for d, g in qrels[qid].items() if g > 0}
+    found = {data.corpus.ids[j] for j in row} & relevant
+    recalls.append(len(found) / len(relevant) if relevant else 0.0)
+  # Near-ties at rank 100 may order differently in numpy and in the jitted search.
+  assert res["adaptor"]["64"]["recall@100"] == pytest.approx(np.mean(recalls), abs=2e-3)
 
 
 def test_apply_matches_python_api_and_refuses_overwrite(fitted, tmp_path, capsys):

@@ -1,6 +1,5 @@
 """MatryoshkaIndex: build, search (exact and funnel), add, save/load, planning, CLI handlers."""
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -10,7 +9,7 @@ import pytest
 
 import adaptor
 from adaptor import index as index_lib
-from adaptor.index import MatryoshkaIndex, add_index_commands, plan_schedule
+from adaptor.index import MatryoshkaIndex, plan_schedule
 from adaptor.model import MatryoshkaAdaptor
 from adaptor.search import search
 
@@ -189,21 +188,9 @@ def test_plan_schedule_reaches_target_and_is_cheapest():
 
 
 def _cli(argv) -> int:
-  """adaptor.cli.main if it has the index command, else an equivalent local parser."""
+  """The `index` commands through the real entry point (exit status, as a shell sees it)."""
   from adaptor import cli
-  parser = cli.build_parser()
-  commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-  if "index" in commands.choices:
-    return cli.main(argv)
-  parser = argparse.ArgumentParser(prog="matryoshka-adaptor")
-  add_index_commands(parser.add_subparsers(dest="command", required=True))
-  args = parser.parse_args(argv)
-  try:
-    args.handler(args)
-  except (ValueError, OSError) as e:
-    print(f"matryoshka-adaptor {args.command}: error: {e}", file=__import__("sys").stderr)
-    return 2
-  return 0
+  return cli.main(argv)
 
 
 @pytest.mark.slow

@@ -54,6 +54,24 @@ def _assert_same(found, ref):
     np.testing.assert_array_equal(found[name][0], ref[name][0], err_msg=name)
 
 
+def _mappings(pid):
+  """The file mappings of process `pid`, from /proc/<pid>/maps."""
+  out = []
+  for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+    parts = line.split(maxsplit=5)
+    if len(parts) == 6 and parts[4] != "0":
+      start, end = (int(x, 16) for x in parts[0].split("-"))
+      out.append({"start": start, "end": end, "perms": parts[1], "dev": parts[3],
+                  "inode": parts[4], "path": parts[5]})
+  return out
+
+
+def _mapping_at(pid, address):
+  found = [m for m in _mappings(pid) if m["start"] <= address < m["end"]]
+  assert len(found) == 1, (hex(address), found)
+  return found[0]
+
+
 def test_workers_return_exactly_what_one_process_returns(data):
   corpus, queries = data
   ref = _results(_index(corpus), queries)
@@ -73,6 +91,14 @@ def test_workers_return_exactly_what_one_process_returns(data):
     # The index's arrays now live in shared memory and are the same values.
     np.testing.assert_array_equal(index.vectors, corpus / np.linalg.norm(corpus, axis=1,
                                                                            keepdims=True))
+    # ... and every worker maps that very file (same device and inode, a shared
+    # mapping), so the pages are one copy, not a copy per worker.
+    mine = _mapping_at(os.getpid(), index.vectors.ctypes.data)
+    assert "s" in mine["perms"] and Path(mine["path"].removesuffix(" (deleted)")).name.startswith(
+        "matryoshka-"), mine
+    for pid in index._pool.pids:
+      theirs = [m for m in _mappings(pid) if (m["dev"], m["inode"]) == (mine["dev"], mine["inode"])]
+      assert theirs and all("s" in m["perms"] for m in theirs), (pid, theirs)
   finally:
     index.stop_workers()
   assert index.workers == 0

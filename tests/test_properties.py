@@ -4,6 +4,7 @@ Shapes are drawn from a few fixed sizes so that the jitted functions compile a
 handful of times, not once per example.
 """
 
+import math
 import os
 import tempfile
 
@@ -98,12 +99,37 @@ def judged(draw):
   return qrels, run
 
 
+def _reference_metrics(run, qrels, k):
+  """nDCG@k, Recall@k and MRR@k by trec_eval's rules, written out plainly.
+
+  A second implementation for the property test: the whole run is sorted by
+  (score, doc id) descending (trec_eval's order, ties by larger id first),
+  where adaptor.metrics counts, for each relevant document, those ranked above it.
+  """
+  ndcg, recall, mrr = [], [], []
+  for q, rels in qrels.items():
+    ranked = sorted(run.get(q, {}).items(), key=lambda item: (item[1], item[0]), reverse=True)
+    top = [doc for doc, _ in ranked[:k]]
+    gains = [max(rels.get(doc, 0), 0) for doc in top]
+    dcg = sum(g / math.log2(i + 2) for i, g in enumerate(gains))
+    ideal = sorted((g for g in rels.values() if g > 0), reverse=True)[:k]
+    idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
+    ndcg.append(dcg / idcg)
+    recall.append(sum(g > 0 for g in gains) / sum(g > 0 for g in rels.values()))
+    mrr.append(next((1.0 / (i + 1) for i, g in enumerate(gains) if g > 0), 0.0))
+  return {"ndcg": sum(ndcg) / len(ndcg), "recall": sum(recall) / len(recall),
+          "mrr": sum(mrr) / len(mrr)}
+
+
 @SETTINGS
 @given(case=judged(), k_values=st.lists(st.integers(1, 10), min_size=1, max_size=3))
-def test_metrics_are_in_unit_interval_and_one_for_a_perfect_ranking(case, k_values):
+def test_metrics_equal_a_plain_python_reference_and_one_for_a_perfect_ranking(case, k_values):
   qrels, run = case
-  for value in adaptor.evaluate(run, qrels, k_values=k_values).values():
-    assert 0.0 <= value <= 1.0
+  got = adaptor.evaluate(run, qrels, k_values=k_values)
+  for k in k_values:
+    want = _reference_metrics(run, qrels, k)
+    for name in ("ndcg", "recall", "mrr"):
+      assert abs(got[f"{name}@{k}"] - want[name]) < 1e-12, (name, k, got, want)
   # Perfect: each judged document scored by its grade; unjudged ones below them all.
   perfect = {q: {**{f"x{i}": -1.0 - i for i in range(3)},
                  **{d: float(g) for d, g in rels.items()}} for q, rels in qrels.items()}

@@ -113,16 +113,37 @@ def test_calibration_codes_and_clipping():
   np.testing.assert_array_equal(codes, ref)
 
 
+def _in_fresh_process(code: str) -> dict:
+  """The JSON that `code` prints, run in a new interpreter on the CPU."""
+  import os
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def test_calibration_sample_is_deterministic():
   x = np.random.default_rng(3).normal(size=(1000, 4)).astype(np.float32)
   a = quant.calibrate_int8(x, calibration_rows=100)
-  b = quant.calibrate_int8(x, calibration_rows=100)
-  np.testing.assert_array_equal(a.scales, b.scales)
+  # Without a key: the 100 evenly spaced rows, worked out here.
   rows = np.linspace(0, 999, 100).round().astype(int)
+  lo, hi = x[rows].min(0), x[rows].max(0)
+  np.testing.assert_array_equal(a.scales, ((hi - lo) / 255.0).astype(np.float32))
   np.testing.assert_array_equal(a.offsets, quant.calibrate_int8(x[rows]).offsets)
   c = quant.calibrate_int8(x, calibration_rows=100, key=jax.random.key(7))
-  d = quant.calibrate_int8(x, calibration_rows=100, key=jax.random.key(7))
-  np.testing.assert_array_equal(c.scales, d.scales)
+  # The keyed sample is the same in a fresh interpreter (not a second call here).
+  fresh = _in_fresh_process(
+      "import json, jax, numpy as np; from adaptor import quant; "
+      "x = np.random.default_rng(3).normal(size=(1000, 4)).astype(np.float32); "
+      "c = quant.calibrate_int8(x, calibration_rows=100, key=jax.random.key(7)); "
+      "print(json.dumps({'scales': c.scales.tolist(), 'offsets': c.offsets.tolist()}))")
+  np.testing.assert_array_equal(c.scales, np.asarray(fresh["scales"], np.float32))
+  np.testing.assert_array_equal(c.offsets, np.asarray(fresh["offsets"], np.float32))
   assert not np.array_equal(a.scales, c.scales)
   with pytest.raises(ValueError, match="calibration_rows must be a positive int"):
     quant.calibrate_int8(x, calibration_rows=0)
@@ -244,6 +265,28 @@ def test_three_stage_funnel_runs_and_narrows(corpus):
   s, ids = index.search(q, 3, schedule=[(16, 60, "binary"), (16, 20, "int8"), (24, 3)])
   assert ids.shape == (4, 3) and [row[0] for row in ids] == ["0", "1", "2", "3"]
   assert np.all(np.diff(s, axis=1) <= 0)
+
+
+def test_three_stage_quantised_funnel_equals_brute_force_stage_by_stage(corpus):
+  # Each stage re-done in numpy over the whole corpus, restricted to the previous
+  # stage's survivors: Hamming on 16 sign bits (ties to the lower row, as the
+  # kernel breaks them), then float query x int8 codes at 16 dims, then float
+  # cosine at full size. Random queries, so the stages disagree and each matters.
+  index = MatryoshkaIndex.build(corpus, stores={"binary": 24, "int8": 16}, block_size=64)
+  q = np.random.default_rng(9).normal(size=(6, 24)).astype(np.float32)
+  s, rows = index.search_rows(q, 3, schedule=[(16, 60, "binary"), (16, 20, "int8"), (24, 3)])
+  ham = _np_hamming(np.packbits(q[:, :16] > 0, axis=1), np.packbits(corpus[:, :16] > 0, axis=1))
+  first = _order(ham, 60)
+  int8_scores = _int8_ref(index, q, 16, 16, quantise=False)
+  cosine = _unit(q) @ _unit(corpus).T
+  for i in range(len(q)):
+    second = first[i][np.argsort(-int8_scores[i, first[i]], kind="stable")[:20]]
+    third = second[np.argsort(-cosine[i, second], kind="stable")[:3]]
+    np.testing.assert_array_equal(rows[i], third, err_msg=f"query {i}")
+    np.testing.assert_allclose(s[i], cosine[i, third], atol=1e-5)
+  # The funnel is not exact search here: the first stages dropped true neighbours.
+  exact = np.argsort(-cosine, axis=1)[:, :3]
+  assert not np.array_equal(rows, exact)
 
 
 def test_save_load_round_trip_with_stores(tmp_path, corpus):

@@ -299,16 +299,21 @@ def test_default_sizes_give_every_cpu_a_batch(monkeypatch):
 
 def test_run_batches_in_threads_equals_one_at_a_time(monkeypatch):
   import threading
-  import time
   rng = np.random.default_rng(5)
   queries = rng.normal(size=(23, 6)).astype(np.float32)
   running, most, lock = [0], [0], threading.Lock()
+  # With threads, each batch waits at a 3-party barrier before it returns; the
+  # barrier opens only once three batches are inside `step` at the same time,
+  # so passing it proves the overlap without relying on timing. The timeout only
+  # turns a missing overlap into a failure instead of a hang.
+  barrier = [None]
 
   def step(q):  # Scores: the batch itself; "indices": each row's first value's rank.
     with lock:
       running[0] += 1
       most[0] = max(most[0], running[0])
-    time.sleep(0.05)   # Long enough for the batches to overlap.
+    if barrier[0] is not None:
+      barrier[0].wait()
     with lock:
       running[0] -= 1
     return q * 2, np.argsort(q, axis=1)
@@ -318,8 +323,12 @@ def test_run_batches_in_threads_equals_one_at_a_time(monkeypatch):
   assert most[0] == 1
   monkeypatch.setattr(search_lib, "available_cpus", lambda: [0, 1, 2])
   assert search_lib.query_threads(6) == 3 and search_lib.query_threads(1) == 1
+  # 6 batches: two rounds of three (batches 0-2, then 3-5 once 0-2 returned).
+  barrier[0] = threading.Barrier(3, timeout=30)
   threaded = search_lib.run_batches(step, queries, 4, k=3)
+  assert barrier[0].n_waiting == 0 and not barrier[0].broken
   assert most[0] == 3   # Three batches ran at once, never more.
+  barrier[0] = None
   for got, ref in zip(threaded, serial):
     np.testing.assert_array_equal(got, ref)
   np.testing.assert_array_equal(threaded[0], queries[:, :3] * 2)   # In order, padding dropped.

@@ -74,10 +74,27 @@ def test_interrupted_fit_resumes_to_identical_parameters(tmp_path, monkeypatch):
   assert res_stage["kept_step"] == ref_stage["kept_step"]
 
 
-def test_early_stopping_stops_before_max_steps():
-  cfg = dataclasses.replace(SMALL, steps=200, patience=1, learning_rate=0.5)
+def test_early_stopping_stops_at_the_patience_th_evaluation_without_a_new_best():
+  cfg = dataclasses.replace(SMALL, steps=200, patience=2, learning_rate=0.5)
   model = adaptor.fit(DOCS, config=cfg, dims=(4, 16), quiet=True)
-  assert model.info["stages"]["unsupervised"]["steps"] < 200
+  stage = model.info["stages"]["unsupervised"]
+  history = stage["history"]
+  # Replay the recorded validation scores (lower is better without labels): the
+  # stage must end at the first evaluation after which `patience` evaluations in
+  # a row set no new best, and not one evaluation earlier or later.
+  best, bad, stop = history[0]["val"], 0, None
+  for entry in history[1:]:
+    assert entry["step"] % cfg.eval_every == 0
+    if entry["val"] < best:
+      best, bad = entry["val"], 0
+    else:
+      bad += 1
+    if bad >= cfg.patience:
+      stop = entry["step"]
+      break
+  assert stop is not None and stop < 200, history
+  assert history[-1]["step"] == stop == stage["steps"], history
+  assert stage["best_val"] == np.float32(best)
 
 
 def test_supervised_fit_runs_both_stages_and_tracks_ndcg():
