@@ -68,8 +68,11 @@ class Adaptor:
 
   __call__ = apply
 
-  def save(self, directory, *, overwrite: bool = True) -> None:
-    """Atomically writes the adaptor to `directory` (orbax params + config.json)."""
+  def save(self, directory, *, overwrite: bool = False) -> None:
+    """Atomically writes the adaptor to `directory` (orbax params + config.json).
+
+    An existing checkpoint there is replaced only with `overwrite=True`.
+    """
     tc = self.train_config
     tc = tc.to_dict() if hasattr(tc, "to_dict") else tc
     config = {"adaptor": self.config.to_dict(), "train_config": tc, "info": self.info}

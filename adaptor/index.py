@@ -50,7 +50,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -59,7 +58,8 @@ import numpy as np
 
 import adaptor
 from adaptor import checkpoint, quant, search as search_lib
-from adaptor.data import InputError, atomic_file, check_embeddings, _as_id_list, _check_ids
+from adaptor.data import (InputError, atomic_file, check_embeddings, check_output, _as_id_list,
+                          _check_ids, temp_dir)
 
 FORMAT_VERSION = 1
 _META = "index.json"
@@ -533,8 +533,11 @@ class MatryoshkaIndex:
 
   # ------------------------------------------------------------ disk
 
-  def save(self, directory, *, overwrite: bool = True) -> None:
-    """Atomically writes the index to `directory` (see the module docstring)."""
+  def save(self, directory, *, overwrite: bool = False) -> None:
+    """Atomically writes the index to `directory` (see the module docstring).
+
+    An existing index there is replaced only with `overwrite=True`.
+    """
     directory = Path(directory).absolute()
     if directory.exists():
       if not overwrite:
@@ -556,7 +559,7 @@ class MatryoshkaIndex:
         "schedule": None if self.schedule is None else [list(st) for st in self.schedule],
     }
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{directory.name}.tmp-", dir=directory.parent))
+    tmp = Path(temp_dir(directory.parent, prefix=f"{directory.name}.tmp-"))
     try:
       with open(tmp / _VECTORS, "wb") as f:
         np.save(f, self.vectors)
@@ -933,6 +936,7 @@ def _load_queries(args):
 
 
 def _cmd_build(args):
+  check_output(args.out, name="--out", overwrite=args.overwrite)
   model = adaptor.load(args.checkpoint) if args.checkpoint else None
   emb = adaptor.load_embeddings(args.corpus, column=args.column, ids=args.corpus_ids,
                                 name="--corpus")
@@ -955,10 +959,13 @@ def _cmd_build(args):
     stores += [(st["precision"], st["dims"]) for st in config["stores"]]
     schedule = config["schedule"]
   t = time.perf_counter()
-  index = MatryoshkaIndex.build(emb.vectors, ids=emb.ids, adaptor=model, precision=args.precision,
-                                stores=stores, calibration_rows=args.calibration_rows,
-                                schedule=schedule)
-  index.save(args.out, overwrite=args.overwrite)
+  from adaptor import interrupts
+  with interrupts.deferred(done=f"the index had been saved to {args.out}"):
+    index = MatryoshkaIndex.build(emb.vectors, ids=emb.ids, adaptor=model,
+                                  precision=args.precision, stores=stores,
+                                  calibration_rows=args.calibration_rows, schedule=schedule)
+    interrupts.check(f"nothing written to {args.out}; rerun the command")
+    index.save(args.out, overwrite=args.overwrite)
   print(f"saved {index!r} to {args.out} ({time.perf_counter() - t:.1f} s)"
         + (f"; default schedule {quant.format_schedule(index.schedule)}" if schedule else ""))
 
@@ -973,6 +980,8 @@ def _write_run(path, query_ids, ids, scores) -> None:
 
 
 def _cmd_search(args):
+  if args.output:
+    check_output(args.output, name="--output", overwrite=args.overwrite)
   workers = None if args.workers == "auto" else int(args.workers)
   index = MatryoshkaIndex.load(args.index, workers=workers)
   try:
@@ -993,6 +1002,8 @@ def _cmd_search(args):
 
 def _cmd_plan(args):
   from adaptor.evaluation import write_json
+  if args.out:
+    check_output(args.out, name="--out", overwrite=args.overwrite)
   index = MatryoshkaIndex.load(args.index)
   queries, _ = _load_queries(args)
   plan = plan_schedule(index, queries, k=args.k, target_recall=args.target,
@@ -1052,6 +1063,7 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
   s.add_argument("--precision", choices=list(quant.PRECISIONS),
                  help="with --dim: exact search over the int8 or binary store")
   s.add_argument("--output", help="run TSV (query-id, corpus-id, rank, score); default: print")
+  s.add_argument("--overwrite", action="store_true", help="replace an existing --output")
   s.add_argument("--workers", default="0", type=_parse_workers,
                  help="search in N worker processes, one per CPU ('auto': every CPU this "
                  "process may use); pays off for many queries on a large index (default 0: "
@@ -1064,5 +1076,6 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
                   help="recall@k against full-size exact search (default 0.99)")
   pl.add_argument("--corpus-size", type=int, help="estimate costs for this many documents")
   pl.add_argument("--out", help="write the plan (and every candidate) as JSON")
+  pl.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   pl.set_defaults(handler=_cmd_plan)
   return p

@@ -62,6 +62,7 @@ import jax
 import numpy as np
 
 import adaptor
+from adaptor import interrupts
 from adaptor.data import (InputError, _load_npy, _vectors_from_arrow, atomic_file, check_embeddings,
                           fingerprint)
 from adaptor.model import apply_adaptor
@@ -734,6 +735,17 @@ def apply_files(
     try:
       record()
       rows_done = sum(e["rows"] for e in done.values())
+
+      def kept():
+        if not done:
+          return f"nothing kept in {out}; rerun the command"
+        return (f"{len(done)} of {n_shards} shards complete in {out}; rerun the same command "
+                "to resume")
+
+      def progress(rows):
+        bar.update(rows)
+        interrupts.check(kept)  # Ctrl-C or SIGTERM (CLI): stop between batches.
+
       with tqdm(total=total, initial=rows_done, unit="rows", unit_scale=True, desc="apply",
                 disable=quiet, dynamic_ncols=True, file=sys.stderr) as bar:
         for i in range(n_shards):
@@ -745,7 +757,7 @@ def apply_files(
               _batches(sources, starts, a, b, batch_rows, cfg.d_in),
               module=module, dim=dim, dtype=dtype, output_format=output_format,
               id_name=id_name, id_type=id_type, embedding_name=embedding_name,
-              progress=bar.update)
+              progress=progress)
           _fsync_dir(out)
           done[i] = {"index": i, **entry, "start": a, "stop": b, "rows": b - a}
           record()

@@ -531,7 +531,7 @@ def test_disk_full_during_adaptor_save_keeps_earlier_checkpoint(where, ckpt, tmp
         _enospc()
       return real_write_text(self, text, *args, **kwargs)
     monkeypatch.setattr(Path, "write_text", write_text)
-  _api_refuses(lambda: new.save(live), OSError, "No space left on device", roots=[tmp_path])
+  _api_refuses(lambda: new.save(live, overwrite=True), OSError, "No space left on device", roots=[tmp_path])
   monkeypatch.undo()
   np.testing.assert_array_equal(adaptor.load(live).apply(GOOD), adaptor.load(ckpt).apply(GOOD))
 

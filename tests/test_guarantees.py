@@ -1,0 +1,373 @@
+"""Issue 16's guarantees: resume fingerprints, --overwrite, file modes, interrupts, untrusted files.
+
+Each test fails on the code before the fix it checks (see docs/reliability.md).
+Fits here are tiny (d=16, a few hundred rows, tens of steps).
+"""
+
+import dataclasses
+import json
+import os
+import stat
+
+import jax
+import numpy as np
+import pytest
+
+import adaptor
+from adaptor import checkpoint, train
+from adaptor.cli import main
+
+D = 16
+RNG = np.random.default_rng(0)
+CENTRES = RNG.normal(size=(10, D))
+DOCS = (CENTRES[RNG.integers(0, 10, 200)] + 0.3 * RNG.normal(size=(200, D))).astype(np.float32)
+QUERIES = (CENTRES[RNG.integers(0, 10, 30)] + 0.3 * RNG.normal(size=(30, D))).astype(np.float32)
+SMALL = adaptor.TrainConfig(batch_size=16, neighbours=5, neighbours_per_anchor=2,
+                            random_docs=16, steps=20, eval_every=5, patience=100)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cached_compiles(tmp_path_factory):
+  """A persistent compilation cache for this module's fits.
+
+  Every fit jits a new step function, so each would compile again; with the
+  cache, a fit after the first costs about a second instead of ten.
+  """
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  old = {name: getattr(jax.config, name) for name in names}
+  new = (str(tmp_path_factory.mktemp("xla-cache")), 0, -1)
+  for name, value in zip(names, new):
+    jax.config.update(name, value)
+  cc.reset_cache()
+  yield
+  for name, value in old.items():
+    jax.config.update(name, value)
+  cc.reset_cache()
+
+
+def _params(model):
+  return [np.asarray(x) for x in jax.tree.leaves(model.module)]
+
+
+def _fit(corpus=DOCS, **kw):
+  return adaptor.fit(corpus, queries=QUERIES, config=SMALL, dims=(4, 8, 16), quiet=True, **kw)
+
+
+def _interrupted_fit(monkeypatch, resume_dir, *, at_call=13, **kw):
+  """A fit stopped by KeyboardInterrupt after the step checkpoint at step 10."""
+  real_make_step = train._make_step
+  calls = {"n": 0}
+
+  def make_failing_step(*args):
+    step = real_make_step(*args)
+
+    def wrapped(*a):
+      calls["n"] += 1
+      if calls["n"] == at_call:
+        raise KeyboardInterrupt
+      return step(*a)
+    return wrapped
+
+  with monkeypatch.context() as m:
+    m.setattr(train, "_make_step", make_failing_step)
+    with pytest.raises(KeyboardInterrupt):
+      _fit(checkpoint_dir=resume_dir, **kw)
+  assert checkpoint.TrainCheckpointer(resume_dir / "unsupervised").latest() == 10
+
+
+# ------------------------------------------------------------------ 2. resume fingerprint
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"corpus": DOCS[:150]}, "differs in: corpus"),
+    ({"seed": 1}, "config.seed (0 -> 1)"),
+    ({"steps": 30}, "config.steps (20 -> 30)"),
+])
+def test_resume_state_of_another_fit_is_refused_naming_what_differs(change, needle, tmp_path,
+                                                                    monkeypatch):
+  resume = tmp_path / "resume"
+  _interrupted_fit(monkeypatch, resume)
+  with pytest.raises(adaptor.CheckpointError) as e:
+    _fit(checkpoint_dir=resume, **change)
+  msg = str(e.value)
+  assert needle in msg, msg
+  assert "found that of another fit" in msg and f"delete {resume}" in msg, msg
+  # The refusal leaves the old resume state as it was.
+  assert checkpoint.TrainCheckpointer(resume / "unsupervised").latest() == 10
+
+
+def test_completed_api_fit_removes_its_resume_state_and_a_rerun_on_new_data_is_fresh(tmp_path):
+  resume = tmp_path / "resume"
+  first = _fit(checkpoint_dir=resume)
+  assert not resume.exists()
+  fresh = _fit(corpus=DOCS[:150])
+  again = _fit(corpus=DOCS[:150], checkpoint_dir=resume)
+  for x, y in zip(_params(fresh), _params(again)):
+    np.testing.assert_array_equal(x, y)
+  assert any(not np.array_equal(x, y) for x, y in zip(_params(first), _params(again)))
+  assert again.info["corpus_fingerprint"] == adaptor.data.fingerprint(DOCS[:150])
+
+
+def test_remove_resume_state_keeps_other_files(tmp_path):
+  resume = tmp_path / "resume"
+  ck = checkpoint.TrainCheckpointer(resume / "unsupervised")
+  ck.save(3, {"w": np.zeros(2, np.float32)}, {})
+  (resume / "notes.txt").write_text("mine")
+  checkpoint.remove_resume_state(resume)
+  assert sorted(p.name for p in resume.iterdir()) == ["notes.txt"]
+
+
+def test_cli_resume_dir_of_another_fit_exits_2_naming_what_differs(tmp_path, monkeypatch,
+                                                                   capsys):
+  np.save(tmp_path / "corpus.npy", DOCS[:150])
+  resume = tmp_path / "resume"
+  _interrupted_fit(monkeypatch, resume)
+  rc = main(["fit", "--corpus", str(tmp_path / "corpus.npy"), "--dims", "4,8,16",
+             "--steps", "20", "--out", str(tmp_path / "out"), "--resume-dir", str(resume),
+             "--quiet"])
+  err = capsys.readouterr().err
+  assert rc == 2, err
+  differ = err.split("differs in: ")[1]
+  assert "corpus" in differ and "config.eval_every (5 -> 200)" in differ, err
+  assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ 3. --overwrite
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+  """A saved adaptor for d=16 (random weights; nothing here needs a trained one)."""
+  from flax import nnx
+  from adaptor.model import MatryoshkaAdaptor
+  path = tmp_path_factory.mktemp("ckpt") / "tiny"
+  adaptor.Adaptor(MatryoshkaAdaptor(D, hidden=4, rngs=nnx.Rngs(0))).save(path)
+  return path
+
+
+def _tree_bytes(root):
+  out = {}
+  for dirpath, _, files in os.walk(root):
+    for name in files:
+      p = os.path.join(dirpath, name)
+      with open(p, "rb") as f:
+        out[p] = f.read()
+  return out
+
+
+def _writing_commands(tmp_path, ckpt):
+  """(argv, the existing result it must not replace) for every writing command."""
+  np.save(tmp_path / "x.npy", DOCS[:20])
+  x = str(tmp_path / "x.npy")
+  existing_dir = tmp_path / "results"
+  existing_dir.mkdir()
+  for name in ("results.json", "ndcg10.png", "plan.json", "frontier.png"):
+    (existing_dir / name).write_text("earlier result\n")
+  index = tmp_path / "ix"
+  adaptor.MatryoshkaIndex.build(DOCS[:50]).save(index)
+  (tmp_path / "run.tsv").write_text("earlier run\n")
+  (tmp_path / "plan.json").write_text("{}\n")
+  (tmp_path / "y.npy").write_text("earlier output\n")
+  return [
+      (["fit", "--corpus", x, "--out", ckpt, "--steps", "1"], ckpt),
+      (["apply", "--checkpoint", ckpt, "--input", x, "--output", tmp_path / "y.npy"],
+       tmp_path / "y.npy"),
+      (["eval", "--corpus", x, "--out", existing_dir], existing_dir),
+      (["plan", "--corpus", x, "--queries", x, "--bytes-per-vector", "8", "--out",
+        existing_dir], existing_dir),
+      (["index", "build", "--corpus", x, "--out", index], index),
+      (["index", "search", "--index", index, "--queries", x, "--output", tmp_path / "run.tsv"],
+       tmp_path / "run.tsv"),
+      (["index", "plan", "--index", index, "--queries", x, "--out", tmp_path / "plan.json"],
+       tmp_path / "plan.json"),
+  ]
+
+
+def test_every_writing_command_refuses_to_replace_a_result_without_overwrite(
+    tmp_path, tiny_ckpt, capsys):
+  import shutil
+  ckpt = tmp_path / "ck"
+  shutil.copytree(tiny_ckpt, ckpt)
+  for argv, result in _writing_commands(tmp_path, ckpt):
+    before = _tree_bytes(tmp_path)
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2, (argv, err)
+    command = " ".join(argv[:2]) if argv[0] == "index" else argv[0]
+    assert err.startswith(f"matryoshka-adaptor {argv[0]}: error: "), err
+    assert f"found an existing {result}" in err and "pass --overwrite" in err, (command, err)
+    assert _tree_bytes(tmp_path) == before, command
+
+
+def test_api_saves_refuse_to_replace_without_overwrite(tmp_path, tiny_ckpt):
+  model = adaptor.load(tiny_ckpt)
+  with pytest.raises(adaptor.CheckpointError, match="overwrite=False"):
+    model.save(tiny_ckpt)
+  index = adaptor.MatryoshkaIndex.build(DOCS[:50])
+  index.save(tmp_path / "ix")
+  with pytest.raises(adaptor.InputError, match="overwrite=False"):
+    index.save(tmp_path / "ix")
+  index.save(tmp_path / "ix", overwrite=True)
+
+
+def test_fit_overwrite_replaces_the_checkpoint(tmp_path, tiny_ckpt, capsys):
+  import shutil
+  ckpt = tmp_path / "ck"
+  shutil.copytree(tiny_ckpt, ckpt)
+  np.save(tmp_path / "x.npy", DOCS)
+  rc = main(["fit", "--corpus", str(tmp_path / "x.npy"), "--dims", "4,16", "--steps", "2",
+             "--eval-every", "1", "--out", str(ckpt), "--overwrite", "--quiet"])
+  assert rc == 0, capsys.readouterr().err
+  fitted = adaptor.load(ckpt)
+  assert fitted.info["stages"]["unsupervised"]["steps"] == 2
+  assert [h["step"] for h in fitted.info["stages"]["unsupervised"]["history"]] == [0, 1, 2]
+  assert fitted.info["corpus_fingerprint"] == adaptor.data.fingerprint(DOCS)
+
+
+# ------------------------------------------------------------------ 5. file modes
+
+
+def _modes(root):
+  out = {}
+  for dirpath, dirnames, files in os.walk(root):
+    for name in dirnames + files:
+      p = os.path.join(dirpath, name)
+      out[os.path.relpath(p, root)] = stat.S_IMODE(os.lstat(p).st_mode)
+  return out
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_follow_the_umask(umask, tmp_path, tiny_ckpt, capsys):
+  from adaptor.evaluation import write_json
+  np.save(tmp_path / "x.npy", DOCS[:20])
+  out = tmp_path / "out"
+  out.mkdir()
+  old = os.umask(umask)
+  try:
+    model = adaptor.load(tiny_ckpt)
+    model.save(out / "checkpoint")
+    adaptor.apply_files(model, tmp_path / "x.npy", out / "shards", quiet=True)
+    assert main(["apply", "--checkpoint", str(tiny_ckpt), "--input", str(tmp_path / "x.npy"),
+                 "--output", str(out / "y.npy")]) == 0
+    assert main(["index", "build", "--corpus", str(tmp_path / "x.npy"), "--checkpoint",
+                 str(tiny_ckpt), "--out", str(out / "index"), "--stores", "binary:16"]) == 0
+    assert main(["index", "search", "--index", str(out / "index"), "--queries",
+                 str(tmp_path / "x.npy"), "--k", "3", "--output", str(out / "run.tsv")]) == 0
+    write_json({"a": 1}, out / "results" / "results.json")
+  finally:
+    os.umask(old)
+  capsys.readouterr()
+  modes = _modes(out)
+  want = {p: (0o777 if (out / p).is_dir() else 0o666) & ~umask for p in modes}
+  assert modes == want
+  assert {"checkpoint/COMPLETE", "shards/manifest.json", "shards/part-00000.npy", "y.npy",
+          "index/index.json", "run.tsv", "results/results.json"} <= set(modes)
+
+
+# ------------------------------------------------------------------ 1. check, relative path
+
+
+def test_check_accepts_a_checkpoint_given_by_a_relative_path(tmp_path, tiny_ckpt, capsys,
+                                                             monkeypatch):
+  import shutil
+  shutil.copytree(tiny_ckpt, tmp_path / "checkpoints" / "tiny")
+  monkeypatch.chdir(tmp_path)
+  rc = main(["check", "checkpoints/tiny"])
+  out = capsys.readouterr().out
+  assert rc == 0, out
+  assert out.startswith("checkpoints/tiny: OK, an adaptor checkpoint (d_in=16, d_out=16"), out
+
+
+# ------------------------------------------------------------------ 4. interrupts
+
+
+INTERRUPT_SEED = 0
+
+
+def _fit_command(tmp_path, out, *extra):
+  return ["fit", "--corpus", str(tmp_path / "corpus.npy"), "--queries",
+          str(tmp_path / "queries.npy"), "--dims", "4,8,16", "--steps", "24",
+          "--eval-every", "4", "--out", str(out), "--quiet", *extra]
+
+
+class _Armed:
+  """Sends a signal to this process at the n-th call of one phase of a fit."""
+
+  PHASES = ("step", "step", "step", "neighbours", "validation", "save")
+
+  def __init__(self, monkeypatch):
+    self.target = None
+    self.fired = False
+    self.calls = {}
+    real_make_step = train._make_step
+
+    def make_step(*args):
+      step = real_make_step(*args)
+      return lambda *a: self._hit("step", step, *a)
+    monkeypatch.setattr(train, "_make_step", make_step)
+    for phase, module, name in (("neighbours", train, "_neighbour_table"),
+                                ("validation", train, "_agreed_score"),
+                                ("save", checkpoint, "save")):
+      real = getattr(module, name)
+      monkeypatch.setattr(module, name,
+                          lambda *a, _p=phase, _f=real, **k: self._hit(_p, _f, *a, **k))
+
+  def arm(self, phase, n, signum):
+    self.target, self.fired, self.calls = (phase, n, signum), False, {}
+
+  def _hit(self, phase, fn, *args, **kwargs):
+    self.calls[phase] = self.calls.get(phase, 0) + 1
+    if self.target is not None and self.target[:2] == (phase, self.calls[phase]):
+      self.fired = True
+      os.kill(os.getpid(), self.target[2])  # Lands inside the phase: deferred to a safe point.
+    return fn(*args, **kwargs)
+
+
+def test_interrupts_at_seeded_moments_of_a_fit_end_in_one_line_and_resume_exactly(
+    tmp_path, monkeypatch, capsys):
+  import signal
+  np.save(tmp_path / "corpus.npy", DOCS)
+  np.save(tmp_path / "queries.npy", QUERIES)
+  assert main(_fit_command(tmp_path, tmp_path / "reference")) == 0
+  reference = adaptor.load(tmp_path / "reference")
+  armed = _Armed(monkeypatch)
+  rng = np.random.default_rng(INTERRUPT_SEED)
+  print(f"interrupt seed {INTERRUPT_SEED}")
+  out, interrupts, completed, chain = tmp_path / "out", 0, 0, 0
+  while interrupts < 20:
+    phase = str(rng.choice(_Armed.PHASES))
+    n = int(rng.integers(1, 4 if phase == "step" else 3))
+    signum = int(rng.choice([signal.SIGINT, signal.SIGTERM]))
+    armed.arm(phase, n, signum)
+    capsys.readouterr()
+    rc = main(_fit_command(tmp_path, out))
+    err = capsys.readouterr().err
+    what = f"seed {INTERRUPT_SEED}, moment {interrupts}: {phase} call {n}, signal {signum}"
+    assert "Traceback" not in err, (what, err)
+    if armed.fired:
+      interrupts += 1
+      lines = err.strip().splitlines()
+      name = signal.Signals(signum).name
+      assert rc == 128 + signum, (what, rc, err)
+      assert len(lines) == 1 and lines[0].startswith(
+          f"matryoshka-adaptor fit: interrupted by {name}: "), (what, err)
+      assert ("rerun the same command to resume" in lines[0]
+              or "the fit had finished; saved to" in lines[0]), (what, err)
+    else:
+      assert rc == 0, (what, err)
+    if out.exists():  # Finished (perhaps interrupted while saving): a new chain starts.
+      _assert_same_fit(adaptor.load(out), reference, what)
+      completed += 1
+      out = tmp_path / f"out{completed}"
+  armed.arm(None, 0, 0)
+  if not out.exists():  # The last chain, run to its end.
+    assert main(_fit_command(tmp_path, out)) == 0
+  _assert_same_fit(adaptor.load(out), reference, f"seed {INTERRUPT_SEED}, last chain")
+
+
+def _assert_same_fit(model, reference, what):
+  for x, y in zip(_params(reference), _params(model)):
+    np.testing.assert_array_equal(x, y, err_msg=what)
+  assert model.info["stages"] == reference.info["stages"], what
