@@ -443,6 +443,7 @@ def _run_stage(name, *, steps, step_fn, evaluate, params, opt_state, data, key, 
       if checkpoints is not None and step % config.eval_every and step != steps:
         checkpoints.save(step, state, {"stage": name, "done": False, "history": history,
                                        "kept_step": kept_step})
+      bar.close()  # Before the one-line message, not redrawn after it.
       interrupts.check(interrupts.training_kept(checkpoints, step, name))
   bar.close()
   summary = {"steps": step, "best_val": float(state["best_score"]), "kept_step": kept_step,
