@@ -193,6 +193,9 @@ def check_embeddings(
   Returns:
     The validated array, with shape [n, d].
   """
+  if isinstance(x, (str, os.PathLike)) or type(x).__module__.split(".")[0] == "datasets":
+    # A path or a datasets.Dataset, as the README lists among the inputs.
+    x = load_embeddings(x, name=name if isinstance(x, (str, os.PathLike)) else None).vectors
   if not isinstance(x, np.ndarray):
     try:
       x = np.asarray(x)

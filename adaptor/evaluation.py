@@ -94,12 +94,17 @@ def plot(results: dict, path, *, metric: str = "ndcg@10", title: str = "") -> No
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
 
   fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
   for name, row in results.items():
     dims = sorted(int(d) for d in row)
     ax.plot(dims, [row[str(d)][metric] for d in dims], marker="o", label=name)
   ax.set_xscale("log", base=2)
+  # One tick per evaluated dim, full size included, labelled 16 ... 384 rather than 2^4 ...
+  ticks = sorted({int(d) for row in results.values() for d in row})
+  ax.set_xticks(ticks, labels=[str(d) for d in ticks])
+  ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
   ax.set_xlabel("dims kept")
   ax.set_ylabel(metric)
   ax.set_title(title)

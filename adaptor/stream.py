@@ -65,7 +65,7 @@ import adaptor
 from adaptor import interrupts
 from adaptor.data import (InputError, _load_npy, _vectors_from_arrow, atomic_file, check_embeddings,
                           fingerprint)
-from adaptor.model import apply_adaptor
+from adaptor.model import apply_adaptor, warn_untrained_dim
 from adaptor.search import check_dim
 
 DEFAULT_BATCH_SIZE = 8192      # the default of `Adaptor.apply`, so results match it bit for bit
@@ -684,6 +684,7 @@ def apply_files(
   module = getattr(model, "module", model)
   cfg = module.config
   dim = cfg.d_out if dim is None else check_dim(dim, cfg.d_out)
+  warn_untrained_dim(dim, cfg)
   dtype = np.dtype(dtype)
   if dtype not in (np.float32, np.float16):
     raise InputError(f"dtype must be float32 or float16, got {dtype}")
@@ -767,6 +768,12 @@ def apply_files(
           os.remove(out / MANIFEST)
           if created:
             out.rmdir()
+      elif isinstance(e, InputError):
+        # Bad input (a NaN row deep in a file): a rerun would stop at the same row, so the
+        # manifest says so, and `read_shards` and `check` ask for a fixed input instead.
+        manifest["stopped"] = str(e)
+        with contextlib.suppress(OSError):
+          _write_manifest(out, manifest)
       if isinstance(e, OSError):  # Disk full, permissions, an input deleted mid-run...
         raise InputError(f"apply_files to {out}: could not read or write "
                          f"{e.filename or out}: {e.strerror or e}") from None
@@ -815,6 +822,11 @@ def read_shards(output_dir, *, mmap: bool = True) -> tuple[np.ndarray, list[str]
 
   out = Path(output_dir)
   manifest = _read_manifest(out)
+  if not manifest.get("complete") and manifest.get("stopped"):
+    raise InputError(f"output_dir {out} is incomplete ({len(manifest.get('shards', []))} of "
+                     f"{manifest.get('n_shards')} shards): apply stopped at bad input "
+                     f"({manifest['stopped']}); fix the input, then rerun apply with "
+                     "--overwrite (overwrite=True)")
   if not manifest.get("complete"):
     raise InputError(f"output_dir {out} is incomplete ({len(manifest.get('shards', []))} of "
                      f"{manifest.get('n_shards')} shards); rerun apply to finish it")

@@ -31,7 +31,8 @@ def _params(model):
 
 
 def _fit(corpus=DOCS, **kw):
-  return adaptor.fit(corpus, queries=QUERIES, config=SMALL, dims=(4, 8, 16), quiet=True, **kw)
+  kw.setdefault("quiet", True)
+  return adaptor.fit(corpus, queries=QUERIES, config=SMALL, dims=(4, 8, 16), **kw)
 
 
 def _interrupted_fit(monkeypatch, resume_dir, *, at_call=13, **kw):
@@ -382,3 +383,117 @@ def test_sigint_during_the_first_step_compile_exits_130_with_one_line(tmp_path, 
   assert last.startswith("matryoshka-adaptor fit: interrupted by SIGINT: resume state at step "), text
   assert last.endswith(f"kept in {tmp_path / 'out.train'}; rerun the same command to resume"), text
   assert checkpoint.TrainCheckpointer(tmp_path / "out.train" / "unsupervised").latest() >= 1
+
+
+# ------------------------------------------------------------------ 6. smaller ones
+
+
+def test_fit_refuses_qrels_without_supervised(tmp_path, capsys):
+  np.save(tmp_path / "x.npy", DOCS)
+  (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\n")
+  rc = main(["fit", "--corpus", str(tmp_path / "x.npy"), "--qrels", str(tmp_path / "qrels.tsv"),
+             "--out", str(tmp_path / "ck")])
+  err = capsys.readouterr().err
+  assert rc == 2, err
+  assert f"--qrels {tmp_path / 'qrels.tsv'} is used only by a supervised fit" in err, err
+  assert not (tmp_path / "ck").exists()
+
+
+def test_apply_one_vector_gives_one_vector(tiny_ckpt):
+  model = adaptor.load(tiny_ckpt)
+  one = model.apply(DOCS[3])
+  assert one.shape == (16,)
+  np.testing.assert_array_equal(one, model.apply(DOCS[3:4])[0])
+
+
+def test_apply_at_an_untrained_dim_warns_and_a_trained_one_does_not(tiny_ckpt, tmp_path):
+  import warnings
+  model = adaptor.load(tiny_ckpt)
+  assert model.dims == (16,)  # The tiny adaptor's config: trained at 16 only.
+  with pytest.warns(UserWarning, match=r"dim=8 is not one of the adaptor's trained dims \[16\]"):
+    model.apply(DOCS[:4], dim=8)
+  np.save(tmp_path / "x.npy", DOCS[:4])
+  with pytest.warns(UserWarning, match=r"dim=8 is not one of the adaptor's trained dims"):
+    adaptor.apply_files(model, tmp_path / "x.npy", tmp_path / "out", dim=8, quiet=True)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    model.apply(DOCS[:4], dim=16)
+
+
+def test_fit_and_apply_take_a_dataset_object_and_a_path(tiny_ckpt, tmp_path):
+  import datasets
+  model = adaptor.load(tiny_ckpt)
+  ds = datasets.Dataset.from_dict({"embedding": DOCS[:5].tolist()})
+  want = model.apply(DOCS[:5])
+  np.testing.assert_array_equal(model.apply(ds), want)
+  np.save(tmp_path / "x.npy", DOCS[:5])
+  np.testing.assert_array_equal(model.apply(str(tmp_path / "x.npy")), want)
+  # fit reads the Dataset (d=8 here) and only then refuses the queries of another d.
+  with pytest.raises(adaptor.InputError, match=r"queries must have d=8 columns, got shape \(30, 16\)"):
+    adaptor.fit(datasets.Dataset.from_dict({"embedding": DOCS[:5, :8].tolist()}),
+                queries=QUERIES, quiet=True)
+
+
+def test_a_nan_deep_in_a_streamed_input_is_named_by_check_not_sent_to_rerun(tiny_ckpt, tmp_path,
+                                                                            capsys):
+  model = adaptor.load(tiny_ckpt)
+  (tmp_path / "in").mkdir()
+  bad = DOCS[:30].copy()
+  bad[25, 3] = np.nan
+  np.save(tmp_path / "in" / "a.npy", DOCS[:30])
+  np.save(tmp_path / "in" / "b.npy", bad)
+  with pytest.raises(adaptor.InputError, match="NaN"):
+    adaptor.apply_files(model, tmp_path / "in", tmp_path / "out", shard_rows=20, batch_size=10,
+                        quiet=True)
+  assert main(["check", str(tmp_path / "out")]) == 2
+  out = capsys.readouterr().out
+  assert "apply stopped at bad input" in out and "NaN" in out, out
+  assert "fix the input, then rerun apply with --overwrite" in out, out
+  assert "rerun apply to finish it" not in out, out
+
+
+def test_eval_finds_a_read_only_output_folder_before_any_work(tmp_path, capsys, monkeypatch):
+  from test_reliability import _read_only
+  ro = tmp_path / "ro"
+  ro.mkdir()
+  with _read_only(ro, monkeypatch):
+    # The corpus does not exist: the output is checked first, so that is what is named.
+    rc = main(["eval", "--corpus", str(tmp_path / "missing.npy"), "--out", str(ro / "res")])
+  err = capsys.readouterr().err
+  assert rc == 2, err
+  assert f"--out {ro / 'res'}: could not write in {ro}: Permission denied" in err, err
+
+
+def test_progress_bar_names_the_validation_score(capsys):
+  _fit(quiet=False)
+  err = capsys.readouterr().err
+  assert "val_loss=" in err and "val=" not in err, err
+
+
+def test_plot_ticks_every_dim_in_plain_numbers(tmp_path, monkeypatch):
+  from adaptor import evaluation
+  figures = []
+  monkeypatch.setattr(evaluation, "save_figure", lambda fig, path: figures.append(fig))
+  results = {"raw": {str(d): {"ndcg@10": d / 400} for d in (16, 32, 64, 128, 256, 384)}}
+  evaluation.plot(results, tmp_path / "p.png")
+  ax = figures[0].axes[0]
+  assert list(ax.get_xticks()) == [16, 32, 64, 128, 256, 384]
+  assert [t.get_text() for t in ax.get_xticklabels()] == ["16", "32", "64", "128", "256", "384"]
+  assert list(ax.xaxis.get_minorticklocs()) == []
+
+
+def test_bench_search_without_faiss_says_the_bench_extra_is_needed(tmp_path):
+  import subprocess
+  import sys
+  from conftest import REPO
+  stub = tmp_path / "stub" / "faiss"
+  stub.mkdir(parents=True)
+  (stub / "__init__.py").write_text("raise ImportError(\"No module named 'faiss'\")\n")
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "stub"), str(REPO)])}
+  done = subprocess.run([sys.executable, str(REPO / "experiments" / "bench_search.py"),
+                         "--smoke", "--out", str(tmp_path / "res")], env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2, done.stderr
+  assert done.stderr.strip().splitlines() == [
+      "bench_search.py: the speed part needs FAISS (No module named 'faiss'); install the bench "
+      "extra: pip install -e '.[bench]'"], done.stderr
