@@ -41,7 +41,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import adaptor
-from adaptor.data import temp_dir
+from adaptor.data import links_leaving, temp_dir
 
 FORMAT_VERSION = 1
 _CONFIG = "config.json"
@@ -328,6 +328,10 @@ def _checked(directory: str | os.PathLike) -> tuple[Path, dict]:
         f"{directory}: expected a complete checkpoint with a {_MARKER} marker, found none "
         "(an interrupted save, or not a checkpoint)"
     )
+  leaving = links_leaving(directory)
+  if leaving:  # Every file of a checkpoint lies in its folder.
+    raise CheckpointError(f"{directory}: expected every file inside the checkpoint folder, "
+                          f"found links leaving it: {leaving[:5]}")
   path = directory / _CONFIG
   try:
     config = json.loads(path.read_text())

@@ -738,6 +738,45 @@ def temp_dir(folder, *, prefix: str) -> str:
   return path
 
 
+def _inside(path, folder) -> bool:
+  real = os.path.realpath(folder)
+  return os.path.realpath(path).startswith(real + os.sep)
+
+
+def member_path(folder, name, *, what: str) -> Path:
+  """`folder / name` for a file name read from a metadata file, or InputError.
+
+  A manifest, index.json or config.json is data from disk, not trusted code:
+  a name that is absolute, holds a separator or `..`, or that is a symlink
+  resolving outside `folder`, would make a loader read (or a rerun delete)
+  a file that is not part of the output. It is refused.
+
+  Args:
+    folder: the folder the metadata describes.
+    name: the file name it lists.
+    what: the metadata file, for the message (e.g. "dir/manifest.json").
+  """
+  if (not isinstance(name, str) or not name or name in (".", "..") or os.path.isabs(name)
+      or "/" in name or "\\" in name or os.sep in name):
+    raise InputError(f"{what}: expected a plain file name inside {folder}, got {name!r}")
+  path = Path(folder) / name
+  if os.path.lexists(path) and not _inside(path, folder):
+    raise InputError(f"{what}: expected {path} inside {folder}, found a link to "
+                     f"{os.path.realpath(path)}")
+  return path
+
+
+def links_leaving(folder) -> list[str]:
+  """Every symlink under `folder` that resolves outside it (a checkpoint or index must not)."""
+  out = []
+  for dirpath, dirnames, filenames in os.walk(folder):
+    for name in dirnames + filenames:
+      p = os.path.join(dirpath, name)
+      if os.path.islink(p) and not _inside(p, folder):
+        out.append(p)
+  return out
+
+
 def check_output(path, *, name: str, overwrite: bool, members=(), hint: str = "--overwrite"):
   """Refuses, before any work, an output that exists (unless `overwrite`) or cannot be written.
 

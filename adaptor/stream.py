@@ -64,7 +64,7 @@ import numpy as np
 import adaptor
 from adaptor import interrupts
 from adaptor.data import (InputError, _load_npy, _vectors_from_arrow, atomic_file, check_embeddings,
-                          fingerprint)
+                          fingerprint, member_path)
 from adaptor.model import apply_adaptor, warn_untrained_dim
 from adaptor.search import check_dim
 
@@ -554,10 +554,18 @@ def _shard_ok(out: Path, entry: dict) -> bool:
                      (entry.get("ids_file"), entry.get("ids_bytes"))):
     if name is None:
       continue
-    p = out / name
+    p = _member(out, name)
     if not p.is_file() or p.stat().st_size != size:
       return False
   return True
+
+
+def _member(out: Path, name) -> Path:
+  """A shard file the manifest names: one of ours, inside `out` (InputError otherwise)."""
+  path = member_path(out, name, what=str(out / MANIFEST))
+  if not _OURS.fullmatch(name):
+    raise InputError(f"{out / MANIFEST}: expected shard names like part-00000.npy, got {name!r}")
+  return path
 
 
 def _config_diff(old: dict, new: dict) -> list[str]:
@@ -834,7 +842,7 @@ def read_shards(output_dir, *, mmap: bool = True) -> tuple[np.ndarray, list[str]
   dim = config["dim"]
   vectors, ids = [], [] if config["ids"] else None
   for entry in manifest["shards"]:
-    path = out / entry["file"]
+    path = _member(out, entry["file"])
     if not _shard_ok(out, entry):
       raise InputError(f"shard {path} is missing or has the wrong size ({entry['bytes']} bytes "
                        "expected)")
@@ -842,7 +850,7 @@ def read_shards(output_dir, *, mmap: bool = True) -> tuple[np.ndarray, list[str]
       x = _load_npy(path, mmap)
       if ids is not None:
         from adaptor.data import load_ids
-        ids.extend(load_ids(out / entry["ids_file"]))
+        ids.extend(load_ids(_member(out, entry["ids_file"])))
     else:
       table = pq.read_table(path)
       col = table.column(config["column"]).combine_chunks()
@@ -851,6 +859,9 @@ def read_shards(output_dir, *, mmap: bool = True) -> tuple[np.ndarray, list[str]
         ids.extend(str(v) for v in table.column(config["id_column"]).to_pylist())
     if x.shape != (entry["rows"], dim):
       raise InputError(f"shard {path} must have shape {(entry['rows'], dim)}, got {x.shape}")
+    if x.dtype != np.dtype(config["dtype"]):
+      raise InputError(f"shard {path} must have dtype {config['dtype']} (manifest.json), "
+                       f"got {x.dtype}")
     vectors.append(x)
   if ids is not None and len(ids) != manifest["rows"]:
     raise InputError(f"{out}: expected {manifest['rows']} ids, got {len(ids)}")

@@ -497,3 +497,128 @@ def test_bench_search_without_faiss_says_the_bench_extra_is_needed(tmp_path):
   assert done.stderr.strip().splitlines() == [
       "bench_search.py: the speed part needs FAISS (No module named 'faiss'); install the bench "
       "extra: pip install -e '.[bench]'"], done.stderr
+
+
+# ------------------------------------------------------------------ untrusted files
+
+
+@pytest.fixture
+def outputs(tmp_path, tiny_ckpt):
+  """A streamed apply output, an index and a checkpoint, each in its own folder."""
+  import shutil
+  model = adaptor.load(tiny_ckpt)
+  np.save(tmp_path / "x.npy", DOCS[:20])
+  adaptor.apply_files(model, tmp_path / "x.npy", tmp_path / "shards", quiet=True)
+  adaptor.MatryoshkaIndex.build(DOCS[:20], stores={"binary": 16}).save(tmp_path / "ix")
+  shutil.copytree(tiny_ckpt, tmp_path / "ck")
+  np.save(tmp_path / "outside.npy", DOCS[:20])
+  return tmp_path
+
+
+def _edit_json(path, edit):
+  meta = json.loads(path.read_text())
+  edit(meta)
+  path.write_text(json.dumps(meta))
+
+
+def _refused_by_loader_and_check(path, load, needle, capsys):
+  with pytest.raises(ValueError, match=needle):
+    load(path)
+  capsys.readouterr()
+  assert main(["check", str(path)]) == 2
+  out = capsys.readouterr().out
+  assert needle.replace("\\", "") in out, out
+
+
+@pytest.mark.parametrize("name", ["../outside.npy", "/etc/hostname", "sub/part-00000.npy"])
+def test_a_manifest_naming_a_file_outside_its_folder_is_refused(name, outputs, capsys):
+  def edit(m):
+    m["shards"][0]["file"] = name
+  _edit_json(outputs / "shards" / "manifest.json", edit)
+  _refused_by_loader_and_check(outputs / "shards", adaptor.read_shards,
+                               "expected a plain file name inside", capsys)
+
+
+def test_a_shard_that_links_outside_its_folder_is_refused(outputs, capsys):
+  shard = outputs / "shards" / "part-00000.npy"
+  os.replace(shard, outputs / "moved.npy")
+  shard.symlink_to(outputs / "moved.npy")
+  _refused_by_loader_and_check(outputs / "shards", adaptor.read_shards, "found a link to",
+                               capsys)
+
+
+def test_a_shard_of_another_dtype_than_its_manifest_is_refused(outputs, capsys):
+  def edit(m):
+    m["config"]["dtype"] = "float16"
+  _edit_json(outputs / "shards" / "manifest.json", edit)
+  _refused_by_loader_and_check(outputs / "shards", adaptor.read_shards,
+                               "must have dtype float16 \\(manifest.json\\), got float32", capsys)
+
+
+def test_an_index_json_naming_a_file_outside_its_folder_is_refused(outputs, capsys):
+  def edit(m):
+    m["stores"][0]["files"]["bits"] = "../outside.npy"
+  _edit_json(outputs / "ix" / "index.json", edit)
+  _refused_by_loader_and_check(outputs / "ix", adaptor.MatryoshkaIndex.load,
+                               "expected a plain file name inside", capsys)
+
+
+def test_an_index_file_linking_outside_its_folder_is_refused(outputs, capsys):
+  vectors = outputs / "ix" / "vectors.npy"
+  os.replace(vectors, outputs / "vectors.npy")
+  vectors.symlink_to(outputs / "vectors.npy")
+  _refused_by_loader_and_check(outputs / "ix", adaptor.MatryoshkaIndex.load,
+                               "found links leaving it", capsys)
+
+
+def test_a_checkpoint_linking_outside_its_folder_is_refused(outputs, capsys):
+  params = outputs / "ck" / "params"
+  os.replace(params, outputs / "params")
+  params.symlink_to(outputs / "params")
+  _refused_by_loader_and_check(outputs / "ck", adaptor.load, "found links leaving it", capsys)
+
+
+# ------------------------------------------------------------------ concurrency
+
+
+def test_eight_search_threads_and_add_see_the_index_before_or_after_each_add():
+  import threading
+  rng = np.random.default_rng(7)
+  docs = rng.normal(size=(3000, D)).astype(np.float32)
+  queries = rng.normal(size=(16, D)).astype(np.float32)
+  # Each add holds near-copies of four queries, so each changes their top results.
+  adds = [queries[4 * (i % 4): 4 * (i % 4) + 4].repeat(50, axis=0)
+          + 0.01 * (i + 1) * rng.normal(size=(200, D)).astype(np.float32) for i in range(6)]
+  states = [adaptor.MatryoshkaIndex.build(docs)]
+  for i, batch in enumerate(adds):
+    nxt = adaptor.MatryoshkaIndex.build(docs)
+    for b in adds[:i + 1]:
+      nxt.add(b)
+    states.append(nxt)
+  expected = [s.search(queries, 5, dim=8) for s in states]
+  index = adaptor.MatryoshkaIndex.build(docs)
+  seen, errors, stop = [], [], threading.Event()
+
+  def searcher():
+    try:
+      while not stop.is_set():
+        seen.append(index.search(queries, 5, dim=8))
+    except Exception as e:  # Reported below, with the main thread's assertion.
+      errors.append(repr(e))
+
+  threads = [threading.Thread(target=searcher) for _ in range(8)]
+  for t in threads:
+    t.start()
+  try:
+    for batch in adds:
+      index.add(batch)
+  finally:
+    stop.set()
+    for t in threads:
+      t.join()
+  assert errors == []
+  assert len(seen) >= 8
+  for scores, ids in seen:
+    assert any(np.array_equal(ids, e_ids) and np.allclose(scores, e_scores, atol=1e-6)
+               for e_scores, e_ids in expected), ids[:2]
+  np.testing.assert_array_equal(index.search(queries, 5, dim=8)[1], expected[-1][1])
