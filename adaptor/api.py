@@ -11,6 +11,7 @@ from adaptor import checkpoint
 from adaptor.checkpoint import CheckpointError
 from adaptor.data import check_embeddings
 from adaptor.model import AdaptorConfig, MatryoshkaAdaptor, apply_adaptor, warn_untrained_dim
+from adaptor.search import check_dim
 
 
 class Adaptor:
@@ -70,7 +71,9 @@ class Adaptor:
       one = np.asarray(embeddings)[None, :]
       return self.apply(one, dim=dim, dtype=dtype, batch_size=batch_size)[0]
     x = check_embeddings(embeddings, name="embeddings", dim=self.d_in)
-    warn_untrained_dim(dim, self.config)
+    if dim is not None:
+      dim = check_dim(dim, self.d_out)  # A bad dim is refused, not warned about.
+      warn_untrained_dim(dim, self.config)
     return apply_adaptor(self.module, x, dim=dim, dtype=dtype, batch_size=batch_size)
 
   __call__ = apply
