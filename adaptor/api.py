@@ -10,7 +10,8 @@ import adaptor
 from adaptor import checkpoint
 from adaptor.checkpoint import CheckpointError
 from adaptor.data import check_embeddings
-from adaptor.model import AdaptorConfig, MatryoshkaAdaptor, apply_adaptor
+from adaptor.model import AdaptorConfig, MatryoshkaAdaptor, apply_adaptor, warn_untrained_dim
+from adaptor.search import check_dim
 
 
 class Adaptor:
@@ -55,15 +56,24 @@ class Adaptor:
 
     Args:
       embeddings: frozen-model embeddings (queries or documents alike), with
-        shape [n, d_in]; may be a memmap.
-      dim: output size (default d_out).
+        shape [n, d_in] (may be a memmap), or one vector [d_in]; also a
+        path or a `datasets.Dataset`, read as `load_embeddings` reads them.
+      dim: output size (default d_out); a dim the adaptor was not trained at
+        is allowed, with a UserWarning.
       dtype: float32 or float16.
       batch_size: rows per device call.
 
     Returns:
-      np.ndarray [n, dim] of unit-norm rows.
+      np.ndarray [n, dim] of unit-norm rows ([dim] for one vector).
     """
+    if getattr(embeddings, "ndim", None) == 1 or (
+        isinstance(embeddings, (list, tuple)) and np.ndim(embeddings) == 1):
+      one = np.asarray(embeddings)[None, :]
+      return self.apply(one, dim=dim, dtype=dtype, batch_size=batch_size)[0]
     x = check_embeddings(embeddings, name="embeddings", dim=self.d_in)
+    if dim is not None:
+      dim = check_dim(dim, self.d_out)  # A bad dim is refused, not warned about.
+      warn_untrained_dim(dim, self.config)
     return apply_adaptor(self.module, x, dim=dim, dtype=dtype, batch_size=batch_size)
 
   __call__ = apply
@@ -87,8 +97,11 @@ class Adaptor:
     from adaptor import export
     return export.export(self, path, format=format, dim=dim, overwrite=overwrite)
 
-  def save(self, directory, *, overwrite: bool = True) -> None:
-    """Atomically writes the adaptor to `directory` (orbax params + config.json)."""
+  def save(self, directory, *, overwrite: bool = False) -> None:
+    """Atomically writes the adaptor to `directory` (orbax params + config.json).
+
+    An existing checkpoint there is replaced only with `overwrite=True`.
+    """
     tc = self.train_config
     tc = tc.to_dict() if hasattr(tc, "to_dict") else tc
     config = {"adaptor": self.config.to_dict(), "train_config": tc, "info": self.info}

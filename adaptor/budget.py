@@ -49,7 +49,7 @@ import time
 import numpy as np
 
 from adaptor import quant
-from adaptor.data import InputError, atomic_file, check_embeddings
+from adaptor.data import InputError, atomic_file, check_embeddings, check_output
 
 CONVENTIONS = ("first-stage", "all")
 _CONFIG_FORMAT = "matryoshka-plan"
@@ -545,6 +545,8 @@ def _cmd_plan(args):
   from adaptor import cli
   from adaptor.index import MatryoshkaIndex
 
+  check_output(args.out, name="--out", overwrite=args.overwrite,
+               members=("plan.json", "frontier.png"))
   corpus, corpus_ids, queries, query_ids, qrels = cli._load_inputs(args, args.split)
   if queries is None:
     raise InputError("plan needs validation queries: --beir DIR --model NAME, or --queries FILE")
@@ -608,5 +610,7 @@ def add_plan_command(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--max-queries", type=int, help="use at most this many validation queries")
   p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration")
   p.add_argument("--out", required=True, help="folder for plan.json and frontier.png")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace plan.json and frontier.png in --out (refused otherwise)")
   p.set_defaults(handler=_cmd_plan)
   return p

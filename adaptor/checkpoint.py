@@ -17,17 +17,21 @@ flatten the same way), and `load` rebuilds the caller's structure from a
 `target` pytree, checking every leaf's shape and dtype against it.
 
 `TrainCheckpointer` keeps the last few `step_<n>/` checkpoints of a training
-run, with the same layout, so that an interrupted run can resume.
+run, with the same layout, so that an interrupted run can resume. Each records
+the fingerprint of the fit it belongs to (`resume_fingerprint`: the inputs and
+every setting that decides the fit), and a fit with another fingerprint is
+refused instead of silently continuing from it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import hashlib
 import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import adaptor
+from adaptor.data import links_leaving, temp_dir
 
 FORMAT_VERSION = 1
 _CONFIG = "config.json"
@@ -173,6 +178,7 @@ def _write_params(path: Path, nested: dict) -> None:
 
 
 def _read_params(path: Path) -> dict:
+  path = Path(path).absolute()  # Orbax refuses relative paths; `check` passes the user's.
   try:
     with _checkpointer() as ckptr:
       restored = ckptr.restore(path, args=ocp.args.StandardRestore())
@@ -269,7 +275,7 @@ def save(directory: str | os.PathLike, state, config: dict, *, overwrite: bool =
           "or an empty directory, found other contents"
       )
   directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f"{directory.name}.tmp-", dir=directory.parent))
+  tmp = Path(temp_dir(directory.parent, prefix=f"{directory.name}.tmp-"))
   try:
     _write_params(tmp / _PARAMS, nested)
     (tmp / _CONFIG).write_text(config_text)
@@ -322,6 +328,10 @@ def _checked(directory: str | os.PathLike) -> tuple[Path, dict]:
         f"{directory}: expected a complete checkpoint with a {_MARKER} marker, found none "
         "(an interrupted save, or not a checkpoint)"
     )
+  leaving = links_leaving(directory)
+  if leaving:  # Every file of a checkpoint lies in its folder.
+    raise CheckpointError(f"{directory}: expected every file inside the checkpoint folder, "
+                          f"found links leaving it: {leaving[:5]}")
   path = directory / _CONFIG
   try:
     config = json.loads(path.read_text())
@@ -374,19 +384,95 @@ def load(directory: str | os.PathLike, target=None) -> tuple[Any, dict]:
 # ---------------------------------------------------------------- training
 
 
+def _digest(value) -> str | None:
+  """A short digest of a JSON-serialisable value (ids, qrels), None for None."""
+  if value is None:
+    return None
+  text = json.dumps(value, sort_keys=True, default=str).encode()
+  return hashlib.sha256(text).hexdigest()[:16]
+
+
+def resume_fingerprint(*, corpus, queries=None, qrels=None, query_ids=None, corpus_ids=None,
+                       config: dict) -> dict:
+  """What decides a fit, recorded in its resume state: inputs and settings.
+
+  Args:
+    corpus: the corpus embeddings as given to `fit`, with shape [n_docs, d].
+    queries: the query embeddings, with shape [n_queries, d], or None.
+    qrels, query_ids, corpus_ids: as given to `fit` (None when unused).
+    config: the resolved `TrainConfig.to_dict()` (seed, steps, dims, ...).
+
+  Returns:
+    A JSON-serialisable dict; two fits that may share resume state have equal
+    fingerprints.
+  """
+  from adaptor.data import fingerprint
+  return {
+      "corpus": fingerprint(corpus),
+      "queries": None if queries is None else fingerprint(queries),
+      "qrels": _digest(qrels),
+      "query_ids": _digest(None if query_ids is None else [str(q) for q in query_ids]),
+      "corpus_ids": _digest(None if corpus_ids is None else [str(c) for c in corpus_ids]),
+      "config": json.loads(json.dumps(config, default=str)),
+      "library_version": adaptor.__version__,
+  }
+
+
+def fingerprint_diff(old, new) -> list[str]:
+  """The entries in which two fingerprints differ; config fields as `config.NAME (a -> b)`."""
+  if not isinstance(old, dict):
+    return ["fingerprint (none recorded)"]
+  out = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key), new.get(key)
+    if a == b:
+      continue
+    if key == "config" and isinstance(a, dict) and isinstance(b, dict):
+      out += [f"config.{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in sorted(set(a) | set(b))
+              if a.get(k) != b.get(k)]
+    else:
+      out.append(key)
+  return out
+
+
+def remove_resume_state(directory: str | os.PathLike) -> None:
+  """Deletes the training checkpoints a fit kept in `directory`, and it if left empty.
+
+  Only `<stage>/step_*` checkpoints (and leftovers of their saves) are
+  removed: a directory the caller shares with other files keeps them.
+  """
+  directory = Path(directory).absolute()
+  if not directory.is_dir():
+    return
+  for stage in list(directory.iterdir()):
+    if not stage.is_dir() or stage.is_symlink():
+      continue
+    for child in list(stage.iterdir()):
+      if _STEP_RE.fullmatch(child.name) or _LEFTOVER_RE.fullmatch(child.name):
+        _remove_tree(child)
+    with contextlib.suppress(OSError):
+      stage.rmdir()  # Only if empty.
+  with contextlib.suppress(OSError):
+    directory.rmdir()
+
+
 class TrainCheckpointer:
   """Keeps the latest `keep` training checkpoints as `directory/step_<n>/`.
 
   Each step is a checkpoint as written by `save`, whose config is
-  `{"step": step, "meta": meta}`; leftovers of a crashed save are ignored by
-  `latest` and removed by `save` and `restore`.
+  `{"step": step, "meta": meta, "fingerprint": fingerprint}`; leftovers of a
+  crashed save are ignored by `latest` and removed by `save` and `restore`.
+  With a `fingerprint`, `restore` refuses a step recorded with another one
+  (the resume state of another fit), naming what differs.
   """
 
-  def __init__(self, directory: str | os.PathLike, *, keep: int = 1):
+  def __init__(self, directory: str | os.PathLike, *, keep: int = 1,
+               fingerprint: dict | None = None):
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
       raise ValueError(f"keep must be an int >= 1, got {keep!r}")
     self.directory = Path(directory).absolute()
     self.keep = keep
+    self.fingerprint = fingerprint
 
   def _complete_steps(self) -> dict[int, Path]:
     if not self.directory.is_dir():
@@ -417,7 +503,8 @@ class TrainCheckpointer:
     """Atomically writes `state` (pytree of arrays) and `meta` (JSON) for `step`, then prunes."""
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
       raise ValueError(f"step must be an int >= 0, got {step!r}")
-    save(self.directory / f"step_{int(step):09d}", state, {"step": int(step), "meta": meta})
+    save(self.directory / f"step_{int(step):09d}", state,
+         {"step": int(step), "meta": meta, "fingerprint": self.fingerprint})
     self._clean_leftovers()
     steps = self._complete_steps()
     for old in sorted(steps)[: -self.keep]:
@@ -435,5 +522,14 @@ class TrainCheckpointer:
       raise CheckpointError(
           f"{self.directory}: expected at least one complete step_* checkpoint, found none"
       )
-    state, config = load(self._complete_steps()[step], target)
+    path = self._complete_steps()[step]
+    if self.fingerprint is not None:
+      # Before the arrays: another fit's arrays may not even fit the target.
+      differ = fingerprint_diff(read_config(path).get("fingerprint"), self.fingerprint)
+      if differ:
+        raise CheckpointError(
+            f"{self.directory}: expected the resume state of this fit, found that of another "
+            f"fit (differs in: {', '.join(differ)}); delete {self.directory.parent} to start "
+            "afresh, or rerun with the inputs and settings it was made with")
+    state, config = load(path, target)
     return step, state, config["meta"]

@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
   fit.add_argument("--supervised-steps", type=int, help="max supervised steps")
   fit.add_argument("--seed", type=int, default=0)
   fit.add_argument("--out", required=True, help="checkpoint directory, e.g. checkpoints/NAME")
+  fit.add_argument("--overwrite", action="store_true",
+                   help="replace an existing checkpoint at --out (refused otherwise)")
+  fit.add_argument("--eval-every", type=int,
+                   help="validate (and save resume state) every N steps (default 200)")
   fit.add_argument("--resume-dir", help="where training state is kept to resume an interrupted "
                    "fit (default: <out>.train)")
   fit.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -135,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                   help="adaptor checkpoint (repeatable; NAME=PATH to label it)")
   ev.add_argument("--dims", type=_dims, help="dims to evaluate (default: 16,32,... and full)")
   ev.add_argument("--out", help="folder for results.json and the PNG plot")
+  ev.add_argument("--overwrite", action="store_true",
+                  help="replace results.json and ndcg10.png in --out (refused otherwise)")
   ev.add_argument("--quiet", action="store_true")
 
   ex = sub.add_parser(
@@ -198,14 +204,21 @@ def _cmd_fit(args):
   import jax
 
   import adaptor
+  from adaptor import interrupts
+  from adaptor.data import check_output
 
   if args.distributed:  # Before anything else touches jax's devices.
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
+  check_output(args.out, name="--out", overwrite=args.overwrite)
+  if args.qrels and not args.supervised:
+    raise adaptor.InputError(f"--qrels {args.qrels} is used only by a supervised fit; add "
+                             "--supervised, or drop --qrels")
   corpus, corpus_ids, queries, query_ids, qrels = _load_inputs(args, args.split)
   overrides = {k: v for k, v in {
       "d_out": args.d_out, "hidden": args.hidden, "steps": args.steps,
-      "supervised_steps": args.supervised_steps}.items() if v is not None}
+      "supervised_steps": args.supervised_steps, "eval_every": args.eval_every}.items()
+      if v is not None}
   if args.supervised and qrels is None:
     raise adaptor.InputError("--supervised needs qrels (--beir, or --qrels with ids)")
   if args.no_queries:
@@ -214,16 +227,18 @@ def _cmd_fit(args):
     from adaptor.model import check_dims
     check_dims(args.dims, args.d_out or corpus.shape[1], name="--dims")
   resume = args.resume_dir or os.fspath(args.out).rstrip("/") + ".train"
-  model = adaptor.fit(
-      corpus, dims=args.dims, queries=queries,
-      qrels=qrels if args.supervised else None,
-      query_ids=query_ids if args.supervised else None,
-      corpus_ids=corpus_ids if args.supervised else None,
-      seed=args.seed, checkpoint_dir=resume, quiet=args.quiet, **overrides)
-  if jax.process_index() != 0:  # Every process holds the same adaptor; process 0 writes it.
-    return
-  model.save(args.out)
-  shutil.rmtree(resume, ignore_errors=True)  # The fit is complete; its resume state is not needed.
+  # Ctrl-C and SIGTERM stop the fit after its current step, with its state kept.
+  with interrupts.deferred(done=f"the fit had finished; saved to {args.out}"):
+    model = adaptor.fit(
+        corpus, dims=args.dims, queries=queries,
+        qrels=qrels if args.supervised else None,
+        query_ids=query_ids if args.supervised else None,
+        corpus_ids=corpus_ids if args.supervised else None,
+        seed=args.seed, checkpoint_dir=resume, quiet=args.quiet, **overrides)
+    if jax.process_index() != 0:  # Every process holds the same adaptor; process 0 writes it.
+      return
+    model.save(args.out, overwrite=args.overwrite)
+    shutil.rmtree(resume, ignore_errors=True)  # The fit is complete; its resume state is not needed.
   stages = {k: {"steps": v["steps"], "best_val": round(v["best_val"], 4)}
             for k, v in model.info["stages"].items()}
   print(f"saved {model!r} to {args.out} ({model.info['train_seconds']:.0f} s; stages {stages})")
@@ -233,8 +248,8 @@ def _cmd_apply(args):
   import glob
 
   import adaptor
-  from adaptor import stream
-  from adaptor.data import InputError, atomic_file
+  from adaptor import interrupts, stream
+  from adaptor.data import InputError, atomic_file, check_output
 
   out = os.fspath(args.output)
   inputs = args.input
@@ -244,10 +259,11 @@ def _cmd_apply(args):
     # A directory output: stream the inputs into resumable shards.
     model = adaptor.load(args.checkpoint)
     shard_rows = stream.DEFAULT_SHARD_ROWS if args.shard_rows is None else args.shard_rows
-    m = stream.apply_files(
-        model, inputs, out, dim=args.dim, dtype=args.dtype, output_format=args.format or "npy",
-        column=args.column, id_column=args.id_column, shard_rows=shard_rows,
-        batch_size=args.batch_size, overwrite=args.overwrite, quiet=args.quiet)
+    with interrupts.deferred(done=f"the output in {out} had been completed"):
+      m = stream.apply_files(
+          model, inputs, out, dim=args.dim, dtype=args.dtype, output_format=args.format or "npy",
+          column=args.column, id_column=args.id_column, shard_rows=shard_rows,
+          batch_size=args.batch_size, overwrite=args.overwrite, quiet=args.quiet)
     cfg = m["config"]
     print(f"wrote {m['rows']} x {cfg['dim']} {cfg['dtype']} vectors in {m['n_shards']} "
           f"{cfg['format']} shards to {out} (manifest: {os.path.join(out, stream.MANIFEST)})")
@@ -264,15 +280,16 @@ def _cmd_apply(args):
     if value is not None:
       raise InputError(f"{flag} applies to a directory output, got --output {out}")
   inp = inputs[0]
-  if os.path.exists(out) and not args.overwrite:
-    raise InputError(f"--output {out} exists; pass --overwrite to replace it")
+  check_output(out, name="--output", overwrite=args.overwrite)
   model = adaptor.load(args.checkpoint)
   emb = adaptor.load_embeddings(inp, column=args.column, name="--input")
   if emb.vectors.shape[1] != model.d_in:
     raise InputError(f"--input {inp}: adaptor {args.checkpoint} expects d={model.d_in}, "
                      f"got d={emb.vectors.shape[1]}")
-  vectors = model.apply(emb.vectors, dim=args.dim, dtype=np.dtype(args.dtype),
-                        batch_size=args.batch_size)
+  with interrupts.deferred():
+    vectors = model.apply(emb.vectors, dim=args.dim, dtype=np.dtype(args.dtype),
+                          batch_size=args.batch_size)
+    interrupts.check(f"nothing written to {out}; rerun the command")
   try:
     with atomic_file(out, "wb") as f:
       np.save(f, vectors)
@@ -293,8 +310,12 @@ def _cmd_export(args):
 def _cmd_eval(args):
   import adaptor
   from adaptor import evaluation
+  from adaptor.data import check_output
   from adaptor.model import check_dims, default_dims
 
+  if args.out:  # Before the table is computed, not after.
+    check_output(args.out, name="--out", overwrite=args.overwrite,
+                 members=("results.json", "ndcg10.png"))
   corpus, corpus_ids, queries, query_ids, qrels = _load_inputs(args, args.split)
   if qrels is None:
     raise adaptor.InputError("eval needs qrels (--beir, or --qrels with ids)")
@@ -323,9 +344,19 @@ def _cmd_eval(args):
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
+  from adaptor import interrupts
+
   try:
     handlers = {"fit": _cmd_fit, "apply": _cmd_apply, "eval": _cmd_eval, "export": _cmd_export}
-    rc = handlers.get(args.command, getattr(args, "handler", None))(args)
+    with interrupts.handled():  # SIGINT/SIGTERM: one line and 130/143, no traceback.
+      rc = handlers.get(args.command, getattr(args, "handler", None))(args)
+  except interrupts.Interrupted as e:
+    print(f"\nmatryoshka-adaptor {args.command}: interrupted by {e.signame}: {e.kept}",
+          file=sys.stderr)
+    return e.exit_code
+  except KeyboardInterrupt:  # Outside the main thread, where no handler can be installed.
+    print(f"\nmatryoshka-adaptor {args.command}: interrupted", file=sys.stderr)
+    return 130
   except (ValueError, OSError) as e:  # InputError and CheckpointError are ValueErrors.
     print(f"matryoshka-adaptor {args.command}: error: {e}", file=sys.stderr)
     return 2

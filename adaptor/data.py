@@ -193,6 +193,9 @@ def check_embeddings(
   Returns:
     The validated array, with shape [n, d].
   """
+  if isinstance(x, (str, os.PathLike)) or type(x).__module__.split(".")[0] == "datasets":
+    # A path or a datasets.Dataset, as the README lists among the inputs.
+    x = load_embeddings(x, name=name if isinstance(x, (str, os.PathLike)) else None).vectors
   if not isinstance(x, np.ndarray):
     try:
       x = np.asarray(x)
@@ -687,6 +690,132 @@ def load_beir(root, model: str) -> RetrievalData:
   return RetrievalData(corpus=corpus, queries=queries, qrels=qrels)
 
 
+def current_umask() -> int:
+  """The process's file-mode creation mask, read without changing it where possible.
+
+  Linux shows it in /proc/self/status; elsewhere it is set and restored at
+  once (os.umask offers nothing else), which another thread could race with.
+  """
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def temp_file(folder, *, prefix: str, suffix: str = "") -> tuple[int, str]:
+  """`tempfile.mkstemp` in `folder`, with the mode `open` would give (0666 minus the umask).
+
+  mkstemp makes files owner-only (0600) whatever the umask; a temporary file
+  renamed into place would make every output owner-only.
+
+  Returns:
+    (open file descriptor, path).
+  """
+  fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+  try:
+    os.fchmod(fd, 0o666 & ~current_umask())
+  except BaseException:
+    os.close(fd)
+    os.remove(path)
+    raise
+  return fd, path
+
+
+def temp_dir(folder, *, prefix: str) -> str:
+  """`tempfile.mkdtemp` in `folder`, with the mode `mkdir` would give (0777 minus the umask)."""
+  path = tempfile.mkdtemp(prefix=prefix, dir=folder)
+  try:
+    os.chmod(path, 0o777 & ~current_umask())
+  except BaseException:
+    os.rmdir(path)
+    raise
+  return path
+
+
+def _inside(path, folder) -> bool:
+  real = os.path.realpath(folder)
+  return os.path.realpath(path).startswith(real + os.sep)
+
+
+def member_path(folder, name, *, what: str) -> Path:
+  """`folder / name` for a file name read from a metadata file, or InputError.
+
+  A manifest, index.json or config.json is data from disk, not trusted code:
+  a name that is absolute, holds a separator or `..`, or that is a symlink
+  resolving outside `folder`, would make a loader read (or a rerun delete)
+  a file that is not part of the output. It is refused.
+
+  Args:
+    folder: the folder the metadata describes.
+    name: the file name it lists.
+    what: the metadata file, for the message (e.g. "dir/manifest.json").
+  """
+  if (not isinstance(name, str) or not name or name in (".", "..") or os.path.isabs(name)
+      or "/" in name or "\\" in name or os.sep in name):
+    raise InputError(f"{what}: expected a plain file name inside {folder}, got {name!r}")
+  path = Path(folder) / name
+  if os.path.lexists(path) and not _inside(path, folder):
+    raise InputError(f"{what}: expected {path} inside {folder}, found a link to "
+                     f"{os.path.realpath(path)}")
+  return path
+
+
+def links_leaving(folder) -> list[str]:
+  """Every symlink under `folder` that resolves outside it (a checkpoint or index must not)."""
+  out = []
+  for dirpath, dirnames, filenames in os.walk(folder):
+    for name in dirnames + filenames:
+      p = os.path.join(dirpath, name)
+      if os.path.islink(p) and not _inside(p, folder):
+        out.append(p)
+  return out
+
+
+def check_output(path, *, name: str, overwrite: bool, members=(), hint: str = "--overwrite"):
+  """Refuses, before any work, an output that exists (unless `overwrite`) or cannot be written.
+
+  Every writing command calls this first, so that an existing result is
+  never replaced silently and an unwritable folder is found before the work
+  that would fill it, not after.
+
+  Args:
+    path: the output file or folder.
+    name: what names it in messages, e.g. "--out".
+    overwrite: whether an existing output may be replaced.
+    members: for a folder output that may exist (e.g. eval's --out), the
+      files in it that the command writes; only those count as existing.
+    hint: how to allow the replacement ("--overwrite", "overwrite=True").
+  """
+  path = Path(path)
+  if members:
+    existing = [str(path / m) for m in members if (path / m).exists()]
+  elif path.is_dir():
+    existing = [str(path)] if any(path.iterdir()) else []
+  else:
+    existing = [str(path)] if path.exists() or path.is_symlink() else []
+  if existing and not overwrite:
+    raise InputError(f"{name} {path}: expected a new output, found an existing "
+                     f"{', '.join(existing)}; pass {hint} to replace it")
+  folder = path if (members or path.is_dir()) else path.parent
+  folder = Path(os.path.abspath(folder))
+  while not folder.exists():  # What the command's makedirs would create entries in.
+    folder = folder.parent
+  if not folder.is_dir():
+    raise InputError(f"{name} {path}: expected a folder at {folder}, found a file")
+  try:
+    fd, probe = temp_file(folder, prefix=".probe-")
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise InputError(f"{name} {path}: could not write in {folder}: {e.strerror or e}") from None
+
+
 @contextlib.contextmanager
 def atomic_file(path, mode: str = "w"):
   """Yields a temporary file beside `path`; on success it is fsynced and renamed onto `path`.
@@ -697,7 +826,7 @@ def atomic_file(path, mode: str = "w"):
   path = os.fspath(path)
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+  fd, tmp = temp_file(folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
   try:
     with os.fdopen(fd, mode) as f:
       yield f

@@ -182,7 +182,8 @@ def _inspect_checkpoint(path: Path) -> tuple[str, list[str]]:
   from adaptor.checkpoint import CheckpointError
   from adaptor.model import AdaptorConfig
 
-  problems = []
+  problems = [f"{path}: expected every file inside the checkpoint folder, found links "
+              f"leaving it: {p}" for p in data.links_leaving(path)]
   if not (path / checkpoint._MARKER).is_file():
     problems.append(f"{path}: expected a {checkpoint._MARKER} marker (written last by a "
                     "save), found none: an interrupted save, or not a checkpoint")
@@ -261,9 +262,17 @@ def _inspect_beam_output(path: Path) -> tuple[str, list[str]]:
   problems = []
   dim, dtype = manifest.get("dim"), manifest.get("dtype")
   for entry in manifest["files"]:
-    out = Path(entry["output"])
-    if not (out.is_absolute() and out.is_file()):
-      out = path / out.name  # Relative, or the folder moved since the run.
+    listed = str(entry["output"])
+    if Path(listed).is_absolute() and Path(listed).parent != path.absolute() and (
+        Path(listed).exists()):
+      problems.append(f"{path / 'manifest.json'}: expected outputs inside {path}, found "
+                      f"{listed}")  # Never read a file outside the folder it describes.
+      continue
+    try:  # A relative name, or an absolute one of a folder that has moved since the run.
+      out = data.member_path(path, Path(listed).name, what=str(path / "manifest.json"))
+    except InputError as e:
+      problems.append(str(e))
+      continue
     if not out.is_file():
       problems.append(f"{path / out.name}: listed in manifest.json but missing")
       continue

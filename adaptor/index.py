@@ -47,10 +47,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
-import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -59,7 +60,8 @@ import numpy as np
 
 import adaptor
 from adaptor import checkpoint, quant, search as search_lib
-from adaptor.data import InputError, atomic_file, check_embeddings, _as_id_list, _check_ids
+from adaptor.data import (InputError, atomic_file, check_embeddings, check_output, _as_id_list,
+                          _check_ids, links_leaving, member_path, temp_dir)
 
 FORMAT_VERSION = 1
 _META = "index.json"
@@ -98,8 +100,25 @@ def _default_dims(d: int, model) -> tuple[int, ...]:
   return tuple(sorted(m for m in dims if 1 <= m <= d))
 
 
+def _exclusive(method):
+  """Runs `method` holding the index's lock (see MatryoshkaIndex, "Threads")."""
+  @functools.wraps(method)
+  def locked(self, *args, **kwargs):
+    with self._lock:
+      return method(self, *args, **kwargs)
+  return locked
+
+
 class MatryoshkaIndex:
   """Full-size adapted document vectors with ids, searched at any prefix.
+
+  Threads: one index may be shared by threads that search and add. `add`
+  replaces several arrays, and `search` fills caches (device copies, norms)
+  from them, so the two cannot interleave consistently; every public method
+  that reads or changes them holds one lock, and each search sees the index
+  entirely before or entirely after an `add`. Searches from several threads
+  therefore run one at a time (each already spreads its query batches over
+  every CPU); for parallel searches use worker processes (`start_workers`).
 
   Attributes:
     vectors: np.ndarray [n, d] of unit-norm rows (float32 or float16).
@@ -132,6 +151,7 @@ class MatryoshkaIndex:
     self._derived = {}
     self._pool = None   # A running pool.SearchPool, or None.
     self._load_shared = None   # Arrays `load` read into shared memory for the workers.
+    self._lock = threading.RLock()  # See "Threads" above.
 
   # ------------------------------------------------------------ properties
 
@@ -222,6 +242,7 @@ class MatryoshkaIndex:
       index._store_for_schedule(index.schedule)
     return index
 
+  @_exclusive
   def add_store(self, precision: str, dims: int, *, calibration_rows: int | None = None,
                 key=None):
     """Adds (or returns the existing) quantised store of the first `dims` coordinates.
@@ -305,6 +326,7 @@ class MatryoshkaIndex:
       out[self.n + start:self.n + start + len(part)] = part
     return out, list(self.ids) + ids
 
+  @_exclusive
   def add(self, corpus_embeddings, *, ids=None) -> None:
     """Appends documents (raw embeddings [m, d_in]) with m new unique ids.
 
@@ -337,6 +359,7 @@ class MatryoshkaIndex:
       self._row_of = {v: i for i, v in enumerate(self.ids)}
     return self._row_of
 
+  @_exclusive
   def rows(self, ids) -> np.ndarray:
     """Row numbers of document ids; InputError naming any unknown ids."""
     ids = _as_id_list([ids] if isinstance(ids, str) else ids, "ids")
@@ -347,6 +370,7 @@ class MatryoshkaIndex:
                        f"unknown ids (first {unknown[:5]})")
     return np.array([row_of[v] for v in ids], np.int64)
 
+  @_exclusive
   def get_vectors(self, ids, *, dim: int | None = None) -> np.ndarray:
     """The stored vectors [len(ids), dim] of documents, re-normalised at `dim`."""
     rows = self.rows(ids)
@@ -438,6 +462,7 @@ class MatryoshkaIndex:
       return self.adaptor.apply(q)
     return np.asarray(q, np.float32)
 
+  @_exclusive
   def search_rows(self, query_embeddings, k: int, *, dim: int | None = None, schedule=None,
                   precision: str | None = None, query_batch: int | None = None, adapted: bool = False):
     """Like `search`, but returns corpus row numbers instead of ids.
@@ -497,6 +522,7 @@ class MatryoshkaIndex:
     return quant.funnel(np.asarray(q, np.float32), stages, self._stage_data, k=k,
                         block_size=block, query_batch=query_batch)
 
+  @_exclusive
   def search(self, query_embeddings, k: int, *, dim: int | None = None, schedule=None,
              precision: str | None = None, query_batch: int | None = None, adapted: bool = False):
     """Top-k documents for each query, exact at one prefix or through a funnel.
@@ -591,8 +617,12 @@ class MatryoshkaIndex:
 
   # ------------------------------------------------------------ disk
 
-  def save(self, directory, *, overwrite: bool = True) -> None:
-    """Atomically writes the index to `directory` (see the module docstring)."""
+  @_exclusive
+  def save(self, directory, *, overwrite: bool = False) -> None:
+    """Atomically writes the index to `directory` (see the module docstring).
+
+    An existing index there is replaced only with `overwrite=True`.
+    """
     directory = Path(directory).absolute()
     if directory.exists():
       if not overwrite:
@@ -614,7 +644,7 @@ class MatryoshkaIndex:
         "schedule": None if self.schedule is None else [list(st) for st in self.schedule],
     }
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{directory.name}.tmp-", dir=directory.parent))
+    tmp = Path(temp_dir(directory.parent, prefix=f"{directory.name}.tmp-"))
     try:
       with open(tmp / _VECTORS, "wb") as f:
         np.save(f, self.vectors)
@@ -662,6 +692,10 @@ class MatryoshkaIndex:
     if not (directory / _MARKER).is_file():
       raise InputError(f"{directory}: expected a complete index with a {_MARKER} marker, found "
                        "none (an interrupted save, or not an index)")
+    leaving = links_leaving(directory)
+    if leaving:  # Every file of an index lies in its folder.
+      raise InputError(f"{directory}: expected every file inside the index folder, found links "
+                       f"leaving it: {leaving[:5]}")
     try:
       meta = json.loads((directory / _META).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -699,7 +733,11 @@ class MatryoshkaIndex:
       if p not in quant.QUANTISED or not 1 <= m <= d:
         raise InputError(f"{directory / _META}: expected a store precision in "
                          f"{list(quant.QUANTISED)} with dims in [1, {d}], found {p!r} {m}")
-      paths = {name: directory / files.get(name, _store_file(p, m, name))
+      if not isinstance(files, dict):
+        raise InputError(f"{directory / _META}: expected a store's files as a JSON object, "
+                         f"found {files!r}")
+      paths = {name: member_path(directory, files.get(name, _store_file(p, m, name)),
+                                 what=str(directory / _META))
                for name in _store_layout(p, m, n)}
       arrays = {name: _read_npy(paths[name], shape, np.dtype(dtype), alloc)
                 for name, (shape, dtype) in _store_layout(p, m, n).items()}
@@ -991,6 +1029,7 @@ def _load_queries(args):
 
 
 def _cmd_build(args):
+  check_output(args.out, name="--out", overwrite=args.overwrite)
   model = adaptor.load(args.checkpoint) if args.checkpoint else None
   emb = adaptor.load_embeddings(args.corpus, column=args.column, ids=args.corpus_ids,
                                 name="--corpus")
@@ -1013,10 +1052,13 @@ def _cmd_build(args):
     stores += [(st["precision"], st["dims"]) for st in config["stores"]]
     schedule = config["schedule"]
   t = time.perf_counter()
-  index = MatryoshkaIndex.build(emb.vectors, ids=emb.ids, adaptor=model, precision=args.precision,
-                                stores=stores, calibration_rows=args.calibration_rows,
-                                schedule=schedule)
-  index.save(args.out, overwrite=args.overwrite)
+  from adaptor import interrupts
+  with interrupts.deferred(done=f"the index had been saved to {args.out}"):
+    index = MatryoshkaIndex.build(emb.vectors, ids=emb.ids, adaptor=model,
+                                  precision=args.precision, stores=stores,
+                                  calibration_rows=args.calibration_rows, schedule=schedule)
+    interrupts.check(f"nothing written to {args.out}; rerun the command")
+    index.save(args.out, overwrite=args.overwrite)
   print(f"saved {index!r} to {args.out} ({time.perf_counter() - t:.1f} s)"
         + (f"; default schedule {quant.format_schedule(index.schedule)}" if schedule else ""))
 
@@ -1031,6 +1073,8 @@ def _write_run(path, query_ids, ids, scores) -> None:
 
 
 def _cmd_search(args):
+  if args.output:
+    check_output(args.output, name="--output", overwrite=args.overwrite)
   workers = None if args.workers == "auto" else int(args.workers)
   index = MatryoshkaIndex.load(args.index, workers=workers)
   try:
@@ -1051,6 +1095,8 @@ def _cmd_search(args):
 
 def _cmd_plan(args):
   from adaptor.evaluation import write_json
+  if args.out:
+    check_output(args.out, name="--out", overwrite=args.overwrite)
   index = MatryoshkaIndex.load(args.index)
   queries, _ = _load_queries(args)
   plan = plan_schedule(index, queries, k=args.k, target_recall=args.target,
@@ -1110,6 +1156,7 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
   s.add_argument("--precision", choices=list(quant.PRECISIONS),
                  help="with --dim: exact search over the int8 or binary store")
   s.add_argument("--output", help="run TSV (query-id, corpus-id, rank, score); default: print")
+  s.add_argument("--overwrite", action="store_true", help="replace an existing --output")
   s.add_argument("--workers", default="0", type=_parse_workers,
                  help="search in N worker processes, one per CPU ('auto': every CPU this "
                  "process may use); pays off for many queries on a large index (default 0: "
@@ -1122,5 +1169,6 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
                   help="recall@k against full-size exact search (default 0.99)")
   pl.add_argument("--corpus-size", type=int, help="estimate costs for this many documents")
   pl.add_argument("--out", help="write the plan (and every candidate) as JSON")
+  pl.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   pl.set_defaults(handler=_cmd_plan)
   return p

@@ -184,6 +184,18 @@ def _apply_batch(graphdef, state, x, *, dim, dtype):
   return truncate(model(x), dim).astype(dtype)
 
 
+def warn_untrained_dim(dim: int | None, config) -> None:
+  """Warns (UserWarning) when `dim` is not one of the dims the adaptor was trained at.
+
+  Such a prefix is still a unit-norm embedding, so it is not refused; but no
+  loss shaped it, and its quality was never measured.
+  """
+  if dim is not None and config.dims and dim not in config.dims:
+    import warnings
+    warnings.warn(f"dim={dim} is not one of the adaptor's trained dims {list(config.dims)}: "
+                  "no loss shaped that prefix; prefer a trained dim", UserWarning, stacklevel=3)
+
+
 def apply_adaptor(model: MatryoshkaAdaptor, x, *, dim: int | None = None,
                   dtype=np.float32, batch_size: int = 8192) -> np.ndarray:
   """Adapts, truncates to `dim` and L2-normalises embeddings in fixed-size batches.

@@ -62,9 +62,10 @@ import jax
 import numpy as np
 
 import adaptor
+from adaptor import interrupts
 from adaptor.data import (InputError, _load_npy, _vectors_from_arrow, atomic_file, check_embeddings,
-                          fingerprint)
-from adaptor.model import apply_adaptor
+                          fingerprint, member_path)
+from adaptor.model import apply_adaptor, warn_untrained_dim
 from adaptor.search import check_dim
 
 DEFAULT_BATCH_SIZE = 8192      # the default of `Adaptor.apply`, so results match it bit for bit
@@ -553,10 +554,18 @@ def _shard_ok(out: Path, entry: dict) -> bool:
                      (entry.get("ids_file"), entry.get("ids_bytes"))):
     if name is None:
       continue
-    p = out / name
+    p = _member(out, name)
     if not p.is_file() or p.stat().st_size != size:
       return False
   return True
+
+
+def _member(out: Path, name) -> Path:
+  """A shard file the manifest names: one of ours, inside `out` (InputError otherwise)."""
+  path = member_path(out, name, what=str(out / MANIFEST))
+  if not _OURS.fullmatch(name):
+    raise InputError(f"{out / MANIFEST}: expected shard names like part-00000.npy, got {name!r}")
+  return path
 
 
 def _config_diff(old: dict, new: dict) -> list[str]:
@@ -683,6 +692,7 @@ def apply_files(
   module = getattr(model, "module", model)
   cfg = module.config
   dim = cfg.d_out if dim is None else check_dim(dim, cfg.d_out)
+  warn_untrained_dim(dim, cfg)
   dtype = np.dtype(dtype)
   if dtype not in (np.float32, np.float16):
     raise InputError(f"dtype must be float32 or float16, got {dtype}")
@@ -734,6 +744,17 @@ def apply_files(
     try:
       record()
       rows_done = sum(e["rows"] for e in done.values())
+
+      def kept():
+        if not done:
+          return f"nothing kept in {out}; rerun the command"
+        return (f"{len(done)} of {n_shards} shards complete in {out}; rerun the same command "
+                "to resume")
+
+      def progress(rows):
+        bar.update(rows)
+        interrupts.check(kept)  # Ctrl-C or SIGTERM (CLI): stop between batches.
+
       with tqdm(total=total, initial=rows_done, unit="rows", unit_scale=True, desc="apply",
                 disable=quiet, dynamic_ncols=True, file=sys.stderr) as bar:
         for i in range(n_shards):
@@ -745,7 +766,7 @@ def apply_files(
               _batches(sources, starts, a, b, batch_rows, cfg.d_in),
               module=module, dim=dim, dtype=dtype, output_format=output_format,
               id_name=id_name, id_type=id_type, embedding_name=embedding_name,
-              progress=bar.update)
+              progress=progress)
           _fsync_dir(out)
           done[i] = {"index": i, **entry, "start": a, "stop": b, "rows": b - a}
           record()
@@ -755,6 +776,12 @@ def apply_files(
           os.remove(out / MANIFEST)
           if created:
             out.rmdir()
+      elif isinstance(e, InputError):
+        # Bad input (a NaN row deep in a file): a rerun would stop at the same row, so the
+        # manifest says so, and `read_shards` and `check` ask for a fixed input instead.
+        manifest["stopped"] = str(e)
+        with contextlib.suppress(OSError):
+          _write_manifest(out, manifest)
       if isinstance(e, OSError):  # Disk full, permissions, an input deleted mid-run...
         raise InputError(f"apply_files to {out}: could not read or write "
                          f"{e.filename or out}: {e.strerror or e}") from None
@@ -803,6 +830,11 @@ def read_shards(output_dir, *, mmap: bool = True) -> tuple[np.ndarray, list[str]
 
   out = Path(output_dir)
   manifest = _read_manifest(out)
+  if not manifest.get("complete") and manifest.get("stopped"):
+    raise InputError(f"output_dir {out} is incomplete ({len(manifest.get('shards', []))} of "
+                     f"{manifest.get('n_shards')} shards): apply stopped at bad input "
+                     f"({manifest['stopped']}); fix the input, then rerun apply with "
+                     "--overwrite (overwrite=True)")
   if not manifest.get("complete"):
     raise InputError(f"output_dir {out} is incomplete ({len(manifest.get('shards', []))} of "
                      f"{manifest.get('n_shards')} shards); rerun apply to finish it")
@@ -810,7 +842,7 @@ def read_shards(output_dir, *, mmap: bool = True) -> tuple[np.ndarray, list[str]
   dim = config["dim"]
   vectors, ids = [], [] if config["ids"] else None
   for entry in manifest["shards"]:
-    path = out / entry["file"]
+    path = _member(out, entry["file"])
     if not _shard_ok(out, entry):
       raise InputError(f"shard {path} is missing or has the wrong size ({entry['bytes']} bytes "
                        "expected)")
@@ -818,7 +850,7 @@ def read_shards(output_dir, *, mmap: bool = True) -> tuple[np.ndarray, list[str]
       x = _load_npy(path, mmap)
       if ids is not None:
         from adaptor.data import load_ids
-        ids.extend(load_ids(out / entry["ids_file"]))
+        ids.extend(load_ids(_member(out, entry["ids_file"])))
     else:
       table = pq.read_table(path)
       col = table.column(config["column"]).combine_chunks()
@@ -827,6 +859,9 @@ def read_shards(output_dir, *, mmap: bool = True) -> tuple[np.ndarray, list[str]
         ids.extend(str(v) for v in table.column(config["id_column"]).to_pylist())
     if x.shape != (entry["rows"], dim):
       raise InputError(f"shard {path} must have shape {(entry['rows'], dim)}, got {x.shape}")
+    if x.dtype != np.dtype(config["dtype"]):
+      raise InputError(f"shard {path} must have dtype {config['dtype']} (manifest.json), "
+                       f"got {x.dtype}")
     vectors.append(x)
   if ids is not None and len(ids) != manifest["rows"]:
     raise InputError(f"{out}: expected {manifest['rows']} ids, got {len(ids)}")

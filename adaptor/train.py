@@ -49,8 +49,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from adaptor import losses
-from adaptor.checkpoint import TrainCheckpointer
+from adaptor import interrupts, losses
+from adaptor.checkpoint import TrainCheckpointer, remove_resume_state, resume_fingerprint
 from adaptor.data import InputError, check_embeddings, check_qrels, fingerprint
 from adaptor.metrics import evaluate_topk
 from adaptor.model import MatryoshkaAdaptor, apply_adaptor, check_dims, default_dims, pca_basis
@@ -473,10 +473,19 @@ def _run_stage(name, *, steps, step_fn, evaluate, params, opt_state, data, key, 
         state["best"] = jax.tree.map(jnp.copy, state["params"])
         kept_step = step
       done = int(state["bad_evals"]) >= config.patience or step >= steps
-      bar.set_postfix(loss=f"{loss:.4f}", val=f"{score:.4f}", best=f"{float(state['best_score']):.4f}")
+      # The validation score is a loss without qrels and an nDCG with them: name which.
+      val_name = "val_ndcg10" if higher_is_better else "val_loss"
+      bar.set_postfix({"loss": f"{loss:.4f}", val_name: f"{score:.4f}",
+                       "best": f"{float(state['best_score']):.4f}"})
       if checkpoints is not None:
         checkpoints.save(step, state, {"stage": name, "done": done, "history": history,
                                        "kept_step": kept_step})
+    if interrupts.pending() is not None:  # Ctrl-C or SIGTERM (CLI): keep this step, then stop.
+      if checkpoints is not None and step % config.eval_every and step != steps:
+        checkpoints.save(step, state, {"stage": name, "done": False, "history": history,
+                                       "kept_step": kept_step})
+      bar.close()  # Before the one-line message, not redrawn after it.
+      interrupts.check(interrupts.training_kept(checkpoints, step, name))
   bar.close()
   summary = {"steps": step, "best_val": float(state["best_score"]), "kept_step": kept_step,
              "history": history}
@@ -685,7 +694,12 @@ def fit(
     # Process 0 alone writes checkpoints; `_restore` sends their contents to the others.
     if checkpoint_dir is None or jax.process_index() != 0:
       return None
-    return TrainCheckpointer(f"{checkpoint_dir}/{stage}")
+    return TrainCheckpointer(f"{checkpoint_dir}/{stage}", fingerprint=resume_fp)
+
+  # Resume state records what decides this fit; another fit's state is refused.
+  resume_fp = None if checkpoint_dir is None else resume_fingerprint(
+      corpus=corpus, queries=queries, qrels=qrels, query_ids=query_ids, corpus_ids=corpus_ids,
+      config=config.to_dict())
 
   train_pool = (jnp.asarray(doc_tr), None if q_pool[0] is None else jnp.asarray(q_pool[0]))
 
@@ -784,6 +798,8 @@ def fit(
       "queries_fingerprint": None if queries is None else fingerprint(queries),
       "train_seconds": time.time() - t0,
   })
+  if checkpoint_dir is not None and jax.process_index() == 0:
+    remove_resume_state(checkpoint_dir)  # The fit is complete: a rerun must start afresh.
   return Adaptor(model, train_config=config, info=info)
 
 

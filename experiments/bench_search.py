@@ -490,6 +490,13 @@ def main(argv=None):
       parser.error(f"--threads takes 1 and all, got {args.threads!r}")
   if args.repeats:
     cfg.repeats = args.repeats
+  if "speed" in cfg.parts:  # Its workers compare with FAISS: say so now, not in a traceback.
+    try:
+      import faiss  # noqa: F401
+    except ImportError as e:
+      print(f"bench_search.py: the speed part needs FAISS ({e}); install the bench extra: "
+            "pip install -e '.[bench]'", file=sys.stderr)
+      return 2
   t0 = time.perf_counter()
   res = {"config": dataclasses.asdict(cfg), "machine": _machine()}
   if "quality" in cfg.parts:

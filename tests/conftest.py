@@ -1,6 +1,8 @@
 """Shared fixtures."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -36,3 +38,31 @@ def reap(proc, log) -> None:
     proc.kill()
   proc.wait()
   log.close()
+
+
+_SESSION_CACHE = []
+
+
+def pytest_configure(config):
+  """One persistent XLA compilation cache for the whole test session.
+
+  Every `adaptor.fit` jits a new step function, so without it each fit in the
+  suite compiles its step again (seconds each on a small CPU); with it, a fit
+  of a shape already seen loads the executable instead. Compiled code is the
+  same either way. MATRYOSHKA_TEST_NO_CACHE=1 turns it off.
+  """
+  if os.environ.get("MATRYOSHKA_TEST_NO_CACHE"):
+    return
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  path = tempfile.mkdtemp(prefix="matryoshka-xla-cache-")
+  _SESSION_CACHE.append(path)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  cc.reset_cache()
+
+
+def pytest_unconfigure(config):
+  for path in _SESSION_CACHE:
+    shutil.rmtree(path, ignore_errors=True)

@@ -66,7 +66,7 @@ def test_apply_matches_python_api_and_refuses_overwrite(fitted, tmp_path, capsys
   np.testing.assert_array_equal(got, ref)
   before = out.read_bytes()
   assert main(args) == 2
-  assert "exists; pass --overwrite" in capsys.readouterr().err
+  assert "pass --overwrite to replace it" in capsys.readouterr().err
   assert out.read_bytes() == before
 
 

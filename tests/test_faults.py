@@ -150,7 +150,7 @@ model = adaptor.Adaptor(module)
 i = 0
 while True:
   module.base.bias.set_value(jnp.full((8,), float(i)))  # Version i is readable from the bias.
-  model.save(sys.argv[1])
+  model.save(sys.argv[1], overwrite=True)
   print(i, flush=True)
   i += 1
 """
@@ -181,7 +181,7 @@ def test_adaptor_save_killed_at_a_random_moment_leaves_a_loadable_checkpoint(tmp
         adaptor.load(p)
   # The next save goes through and is what loads.
   model.module.base.bias.set_value(np.full((8,), -1.0, np.float32))
-  model.save(path)
+  model.save(path, overwrite=True)
   assert (np.asarray(adaptor.load(path).module.base.bias.get_value()) == -1.0).all()
 
 
@@ -196,7 +196,7 @@ i = 0
 while True:
   # Version i is readable from the ids; vectors and norms change with it too.
   index = MatryoshkaIndex.build(vectors + i, ids=[f"v{i}-{j}" for j in range(2000)], dims=(8, 32))
-  index.save(sys.argv[1])
+  index.save(sys.argv[1], overwrite=True)
   print(i, flush=True)
   i += 1
 """
@@ -224,5 +224,5 @@ def test_index_save_killed_at_a_random_moment_leaves_the_previous_index_loadable
       with pytest.raises(adaptor.InputError, match="expected a complete index"):
         MatryoshkaIndex.load(p)
   # And the next save goes through.
-  index.save(path)
+  index.save(path, overwrite=True)
   assert MatryoshkaIndex.load(path).ids == index.ids

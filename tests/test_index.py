@@ -125,7 +125,7 @@ def test_crash_mid_save_leaves_old_index(tmp_path, monkeypatch):
     raise KeyboardInterrupt("crash")
   monkeypatch.setattr(index_lib.checkpoint, "_fsync_tree", boom)
   with pytest.raises(KeyboardInterrupt):
-    bigger.save(tmp_path / "ix")
+    bigger.save(tmp_path / "ix", overwrite=True)
   assert sorted(os.listdir(tmp_path)) == ["ix"]           # No temporary left behind.
   assert MatryoshkaIndex.load(tmp_path / "ix").n == 30
 
@@ -161,7 +161,7 @@ def test_clear_errors(tmp_path, small_adaptor):
   (tmp_path / "junk").mkdir()
   (tmp_path / "junk" / "file").write_text("x")
   with pytest.raises(adaptor.InputError, match="refusing to replace"):
-    index.save(tmp_path / "junk")
+    index.save(tmp_path / "junk", overwrite=True)
 
 
 def test_plan_schedule_reaches_target_and_is_cheapest():

@@ -131,10 +131,16 @@ def _worker_multihost(out, process_id, port):
   seen = _spy_on_steps(train)
   ckpt = os.path.join(os.path.dirname(out), f"train-{process_id}")
   # Unsupervised (one stage, one compile), as `matryoshka-adaptor fit` runs by default.
+  # A completed fit removes its resume state; keep it here, as a fit killed right
+  # after its last step checkpoint would, so that the rerun has something to restore.
+  remove = train.remove_resume_state
+  train.remove_resume_state = lambda directory: None
   first = _record(_fit(None, labels=False, checkpoint_dir=ckpt), seen["gradients"])
+  train.remove_resume_state = remove
+  wrote = os.path.isdir(ckpt)
   again = _fit(None, labels=False, checkpoint_dir=ckpt)  # Restores the completed stage.
   result = {"first": first, "again": _record(again, seen["gradients"]),
-            "wrote_checkpoints": os.path.isdir(ckpt)}
+            "wrote_checkpoints": wrote, "removed": not os.path.isdir(ckpt)}
   with open(out, "w") as f:
     json.dump(result, f)
   jax.distributed.shutdown()
@@ -210,8 +216,9 @@ def test_two_processes_follow_the_one_device_fit(single_process, tmp_path):
   _assert_same_fit(r0["first"], single_process["unlabelled 1"], ("unsupervised",))
   # The rerun restored process 0's checkpoint on both processes and trained nothing.
   assert r0["again"] == r1["again"] == r0["first"]
-  # Only process 0 writes checkpoints.
+  # Only process 0 writes checkpoints, and removes them once a fit completes.
   assert r0["wrote_checkpoints"] and not r1["wrote_checkpoints"]
+  assert r0["removed"]
 
 
 if __name__ == "__main__":

@@ -212,7 +212,7 @@ def test_listed_shard_with_wrong_size_is_rewritten(tmp_path):
   os.remove(tmp_path / "out" / "part-00002.npy")
   with pytest.warns(UserWarning) as warned:
     stream.apply_files(MODEL, tmp_path / "in", tmp_path / "out", **kw)
-  assert [str(w.message).split(": ", 1)[1] for w in warned] == [
+  assert [str(w.message).split(": ", 1)[1] for w in warned if "manifest" in str(w.message)] == [
       f"shard part-0000{i}.npy listed in the manifest is missing or has the wrong size; "
       "rewriting it" for i in (1, 2)]
   assert _files(tmp_path / "out") == reference
