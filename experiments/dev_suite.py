@@ -230,7 +230,15 @@ def main(argv=None):
   parser.add_argument("--seed", type=int)
   parser.add_argument("--out", help="folder for results.json and the plots")
   parser.add_argument("--progress", action="store_true", help="show the fits' progress bars")
+  parser.add_argument("--report", metavar="RESULTS_JSON",
+                      help="print the tables of an earlier run's results.json and exit")
   args = parser.parse_args(argv)
+  if args.report:
+    done = json.loads(Path(args.report).read_text())
+    for key, r in done["results"].items():
+      print(report_collection(key, r) + "\n")
+    print(report_summary(done["results"], done["summary"]))
+    return
   cfg = smoke_config() if args.smoke else Config()
   for name in ("data", "seed", "out"):
     if getattr(args, name) is not None:
@@ -266,34 +274,54 @@ def main(argv=None):
       t0 = time.perf_counter()
       r = run_collection(cfg, Path(cfg.data) / coll, model_name)
       results[f"{coll}/{model_name}"] = r
-      print(f"\n## {coll} / {model_name}: d={r['d']}, {r['n_docs']} documents, "
-            f"{r['n_test']} test queries, {r['n_train_queries']} train queries "
-            f"({time.perf_counter() - t0:.0f} s)")
-      for regime, g in r["regimes"].items():
-        print(f"\n### {regime} ({g['n_queries']} queries, fit {g['fit_seconds']:.0f} s)\n")
-        print(evaluation.format_table(g["table"], "ndcg@10"))
-        print()
-        print(evaluation.format_table(g["table"], "recall@100"))
-      if "supervised" in r:
-        s = r["supervised"]
-        print(f"\n### supervised (fit {s['fit_seconds']:.0f} s)\n")
-        print(evaluation.format_table(s["table"], "ndcg@10"))
-        if "table_unseen" in s:
-          print(f"\n{s['n_unseen']} test queries whose relevant documents are never relevant "
-                "to a train query:\n")
-          print(evaluation.format_table(s["table_unseen"], "ndcg@10"))
+      print(f"\n({time.perf_counter() - t0:.0f} s)\n{report_collection(f'{coll}/{model_name}', r)}")
       plot_collection(r, os.path.join(cfg.out, f"{coll}-{model_name}.png"),
                       title=f"{coll}, {model_name}")
       sys.stdout.flush()
   summary = {"totals": totals(results), "minilm_64_kept": minilm_64_kept(results),
              "seconds": time.perf_counter() - started}
-  print("\n## Summary\n")
-  print(summarise(results))
-  print(f"\n{json.dumps(summary, indent=2)}")
+  print(f"\n{report_summary(results, summary)}")
   evaluation.write_json({"config": dataclasses.asdict(cfg), "summary": summary,
                          "results": results}, os.path.join(cfg.out, "results.json"))
-  print(f"\nwrote {cfg.out}/results.json and one PNG per collection and model")
+  tables = "\n\n".join([report_collection(k, r) for k, r in results.items()]
+                        + [report_summary(results, summary)])
+  Path(cfg.out, "tables.md").write_text(tables + "\n")
+  print(f"\nwrote {cfg.out}/results.json, {cfg.out}/tables.md and one PNG per collection and model")
 
+
+def report_collection(key: str, r: dict) -> str:
+  """Markdown tables of one collection and model: every regime, and the supervised fit if any."""
+  coll, model = key.split("/")
+  out = [f"### {coll} / {model}: d={r['d']}, {r['n_docs']} documents, {r['n_test']} test "
+         f"queries, {r['n_train_queries']} train queries"]
+  for regime, g in r["regimes"].items():
+    out += [f"\n#### {regime} ({g['n_queries']} unlabeled queries, fit {g['fit_seconds']:.0f} s)",
+            "", evaluation.format_table(g["table"], "ndcg@10"), "",
+            evaluation.format_table(g["table"], "recall@100")]
+  if "supervised" in r:
+    s = r["supervised"]
+    out += [f"\n#### supervised (train qrels, fit {s['fit_seconds']:.0f} s)", "",
+            evaluation.format_table(s["table"], "ndcg@10")]
+    if "table_unseen" in s:
+      out += [f"\nThe {s['n_unseen']} test queries whose relevant documents are never relevant "
+              "to a train query:", "", evaluation.format_table(s["table_unseen"], "ndcg@10")]
+  return "\n".join(out)
+
+
+def report_summary(results: dict, summary: dict) -> str:
+  t = summary["totals"]
+  kept = summary["minilm_64_kept"]
+  lines = ["### Summary", "", summarise(results), "",
+           f"Worst margin at dims <= d/4: {t['worst']:+.4f}; worst full size minus raw: "
+           f"{t['worst_full_minus_raw']:+.4f}; mean margin by regime: "
+           + ", ".join(f"{k} {v:+.4f}" for k, v in t["mean_by_regime"].items()) + "."]
+  if kept:
+    lines.append(f"all-MiniLM-L6-v2 at 64 dims keeps {100 * np.mean(list(kept.values())):.1f}% of "
+                 "raw full-size nDCG@10 on average (" + ", ".join(
+                     f"{k.split('/')[0]}/{k.split('/')[-1]} {100 * v:.1f}%" for k, v in kept.items())
+                 + ").")
+  lines.append(f"Suite time: {summary['seconds'] / 60:.1f} min.")
+  return "\n".join(lines)
 
 def plot_collection(r: dict, path, *, title: str) -> None:
   """nDCG@10 against dims, one panel per regime, one line per method."""
