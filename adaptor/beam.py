@@ -71,7 +71,7 @@ except ImportError as e:
 
 import numpy as np
 
-import adaptor
+from adaptor._version import __version__
 from adaptor.api import Adaptor
 from adaptor.checkpoint import CheckpointError
 from adaptor.data import (
@@ -726,7 +726,7 @@ def run_pipeline(*, checkpoint, inputs, output, dim: int | None = None, dtype="f
     FileSystems.delete([manifest])
   _delete_stale_temporaries(output)
   metadata = {"checkpoint": checkpoint, "dim": dim, "dtype": dtype,
-              "library_version": adaptor.__version__}
+              "library_version": __version__}
   options = PipelineOptions(list(pipeline_args or []))
   with beam.Pipeline(options=options) as p:
     _ = (

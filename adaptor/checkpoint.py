@@ -40,7 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-import adaptor
+from adaptor._version import __version__
 from adaptor.data import links_leaving, temp_dir
 
 FORMAT_VERSION = 1
@@ -260,7 +260,7 @@ def save(directory: str | os.PathLike, state, config: dict, *, overwrite: bool =
   directory = Path(directory).absolute()  # Orbax wants absolute paths.
   if not isinstance(config, dict):
     raise TypeError(f"config must be a dict, got {type(config).__name__}")
-  meta = {"format_version": FORMAT_VERSION, "library_version": adaptor.__version__}
+  meta = {"format_version": FORMAT_VERSION, "library_version": __version__}
   config = {**meta, **{k: v for k, v in config.items() if k not in meta}}
   config_text = json.dumps(config, indent=2) + "\n"  # Fails here, before touching the disk.
   nested = _to_nested_numpy(state)
@@ -414,7 +414,7 @@ def resume_fingerprint(*, corpus, queries=None, qrels=None, query_ids=None, corp
       "query_ids": _digest(None if query_ids is None else [str(q) for q in query_ids]),
       "corpus_ids": _digest(None if corpus_ids is None else [str(c) for c in corpus_ids]),
       "config": json.loads(json.dumps(config, default=str)),
-      "library_version": adaptor.__version__,
+      "library_version": __version__,
   }
 
 

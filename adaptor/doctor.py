@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from adaptor import data
+from adaptor._version import __version__
 from adaptor.data import InputError
 
 EXAMPLES = """\
@@ -177,7 +178,6 @@ def _id_problems(ids_path: Path, n: int | None, where: str) -> list[str]:
 
 
 def _inspect_checkpoint(path: Path) -> tuple[str, list[str]]:
-  import adaptor
   from adaptor import checkpoint
   from adaptor.checkpoint import CheckpointError
   from adaptor.model import AdaptorConfig
@@ -203,8 +203,8 @@ def _inspect_checkpoint(path: Path) -> tuple[str, list[str]]:
       problems.append(f"{config_path}: expected format_version {checkpoint.FORMAT_VERSION}, "
                       f"found {config.get('format_version')!r}")
     found = config.get("library_version")
-    if str(found).split(".")[:2] != adaptor.__version__.split(".")[:2]:
-      problems.append(f"{config_path}: expected library_version {adaptor.__version__} (same "
+    if str(found).split(".")[:2] != __version__.split(".")[:2]:
+      problems.append(f"{config_path}: expected library_version {__version__} (same "
                       f"major.minor), found {found!r}")
     try:
       cfg = AdaptorConfig.from_dict(config["adaptor"])

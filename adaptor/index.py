@@ -59,6 +59,7 @@ import jax
 import numpy as np
 
 import adaptor
+from adaptor._version import __version__
 from adaptor import checkpoint, quant, search as search_lib
 from adaptor.data import (InputError, atomic_file, check_embeddings, check_output, _as_id_list,
                           _check_ids, links_leaving, member_path, temp_dir)
@@ -633,7 +634,7 @@ class MatryoshkaIndex:
     dims = self.dims
     meta = {
         "format": "matryoshka-index", "format_version": FORMAT_VERSION,
-        "library_version": adaptor.__version__, "n": self.n, "d": self.d, "d_in": self.d_in,
+        "library_version": __version__, "n": self.n, "d": self.d, "d_in": self.d_in,
         "precision": self.precision, "dims": list(dims), "block_size": self.block_size,
         "adaptor": None if self.adaptor is None else {
             "config": self.adaptor.config.to_dict(),

@@ -61,7 +61,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-import adaptor
+from adaptor._version import __version__
 from adaptor import interrupts
 from adaptor.data import (InputError, _load_npy, _vectors_from_arrow, atomic_file, check_embeddings,
                           fingerprint, member_path)
@@ -725,7 +725,7 @@ def apply_files(
       "id_column": id_name if (id_type is not None and output_format == "parquet") else None,
       "ids": id_type is not None,
       # Other versions may round differently: never mix their shards.
-      "library_version": adaptor.__version__,
+      "library_version": __version__,
       "jax_version": jax.__version__,
   }
   config = json.loads(json.dumps(config))  # As it reads back from disk.
