@@ -174,7 +174,7 @@ def write_file(path, data: bytes, *, overwrite: bool = False) -> None:
   if os.path.isdir(path):
     raise InputError(f"export path {path}: expected a file path, got a directory")
   if os.path.exists(path) and not overwrite:
-    raise InputError(f"export path {path} exists; pass overwrite=True (--overwrite) to replace it")
+    raise InputError(f"export path {path} exists; pass overwrite=True to replace it")
   folder = os.path.dirname(path)
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
@@ -190,7 +190,7 @@ def write_file(path, data: bytes, *, overwrite: bool = False) -> None:
       try:
         os.link(tmp, path)
       except FileExistsError:
-        raise InputError(f"export path {path} exists; pass overwrite=True (--overwrite) to "
+        raise InputError(f"export path {path} exists; pass overwrite=True to "
                          "replace it") from None
       except OSError:  # No hard links on this filesystem: checked above, rename instead.
         os.replace(tmp, path)
