@@ -9,7 +9,7 @@
 The Apache Beam pipeline lives in `adaptor.beam` (extra `beam`), imported on demand.
 """
 
-__version__ = "0.1.0"
+from adaptor._version import __version__
 
 from adaptor.api import Adaptor, load
 from adaptor.checkpoint import CheckpointError

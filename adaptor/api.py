@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx
 
-import adaptor
+from adaptor._version import __version__
 from adaptor import checkpoint
 from adaptor.checkpoint import CheckpointError
 from adaptor.data import check_embeddings
@@ -118,9 +118,9 @@ def load(directory, *, d_in: int | None = None) -> Adaptor:
   """
   config = checkpoint.read_config(directory)
   found = config.get("library_version")
-  if str(found).split(".")[:2] != adaptor.__version__.split(".")[:2]:
+  if str(found).split(".")[:2] != __version__.split(".")[:2]:
     raise CheckpointError(
-        f"{directory}: expected a checkpoint from matryoshka-adaptor {adaptor.__version__} "
+        f"{directory}: expected a checkpoint from matryoshka-adaptor {__version__} "
         f"(same major.minor), found library_version {found!r}")
   try:
     cfg = AdaptorConfig.from_dict(config["adaptor"])

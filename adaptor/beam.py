@@ -38,7 +38,6 @@ last batch).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import glob
@@ -71,25 +70,25 @@ except ImportError as e:
 
 import numpy as np
 
-import adaptor
+from adaptor._version import __version__
 from adaptor.api import Adaptor
 from adaptor.checkpoint import CheckpointError
 from adaptor.data import (
   InputError,
-  _ids_from_arrow,
-  _vectors_from_arrow,
+  ids_from_arrow,
+  vectors_from_arrow,
   atomic_file,
   check_embeddings,
 )
 from adaptor.model import apply_adaptor
-from adaptor.search import check_dim
+from adaptor.search import check_dim, check_positive
 
-_DTYPES = ("float32", "float16")
+DTYPES = ("float32", "float16")
 _KINDS = {".npy": "npy", ".parquet": "parquet"}
 _PARTS = ".parts"
 _MANIFEST = "manifest.json"
-_ROWS_PER_SPLIT = 65536
-_BATCH_SIZE = 512
+ROWS_PER_SPLIT = 65536
+BATCH_SIZE = 512
 
 
 # ---------------------------------------------------------------------------
@@ -181,8 +180,8 @@ def _check_dtype(dtype) -> str:
     name = np.dtype(dtype).name
   except TypeError:
     name = None
-  if name not in _DTYPES:
-    raise InputError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+  if name not in DTYPES:
+    raise InputError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
   return name
 
 
@@ -196,9 +195,10 @@ def _check_out_dim(dim, d_out: int) -> int:
 
 
 def _check_positive(value, name: str) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise InputError(f"{name} must be a positive int, got {value!r}")
-  return int(value)
+  try:
+    return check_positive(value, name)
+  except ValueError as e:  # An InputError, which run_pipeline's callers catch as bad input.
+    raise InputError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------
@@ -225,7 +225,7 @@ class AdaptorModelHandler(ModelHandler[np.ndarray, Any, Adaptor]):
   """
 
   def __init__(self, checkpoint, *, dim: int | None = None, dtype="float32",
-               batch_size: int = _BATCH_SIZE, prediction_result: bool = False):
+               batch_size: int = BATCH_SIZE, prediction_result: bool = False):
     batch_size = _check_positive(batch_size, "batch_size")
     if dim is not None:
       _check_positive(dim, "dim")  # Its upper bound, d_out, is known once the model is loaded.
@@ -319,7 +319,7 @@ class ApplyAdaptor(beam.PTransform):
   """
 
   def __init__(self, checkpoint, *, dim: int | None = None, dtype="float32",
-               batch_size: int = _BATCH_SIZE):
+               batch_size: int = BATCH_SIZE):
     super().__init__()
     self._handler = KeyedModelHandler(
         AdaptorModelHandler(checkpoint, dim=dim, dtype=dtype, batch_size=batch_size))
@@ -481,9 +481,9 @@ def _read_range(r: _Range, column: str, ids_column: str | None,
     with _open(shard.path) as f:
       table = pq.ParquetFile(f).read_row_group(
           r.row_group, columns=[column] + ([ids_column] if ids_column else []))
-    x = _vectors_from_arrow(table, column, where)
+    x = vectors_from_arrow(table, column, where)
     if ids_column:
-      ids = _ids_from_arrow(table, ids_column, where)
+      ids = ids_from_arrow(table, ids_column, where)
   x = check_embeddings(x, name=where, dim=d_in)
   for i in range(len(x)):
     key = (shard.path, r.start + i) if ids is None else (shard.path, r.start + i, ids[i])
@@ -507,7 +507,7 @@ class ReadEmbeddings(beam.PTransform):
   """
 
   def __init__(self, inputs, *, column: str = "embedding", ids_column: str | None = None,
-               rows_per_split: int = _ROWS_PER_SPLIT, d_in: int | None = None):
+               rows_per_split: int = ROWS_PER_SPLIT, d_in: int | None = None):
     super().__init__()
     self._column = column
     self._ids_column = ids_column
@@ -659,7 +659,7 @@ class WriteEmbeddings(beam.PTransform):
 
   def __init__(self, output, *, column: str = "embedding", ids_column: str | None = None,
                expected_rows: dict[str, int] | None = None,
-               rows_per_split: int = _ROWS_PER_SPLIT, metadata: dict | None = None):
+               rows_per_split: int = ROWS_PER_SPLIT, metadata: dict | None = None):
     super().__init__()
     self._output = os.fspath(output)
     self._column = column
@@ -688,8 +688,8 @@ class WriteEmbeddings(beam.PTransform):
 
 def run_pipeline(*, checkpoint, inputs, output, dim: int | None = None, dtype="float32",
                  pipeline_args: Sequence[str] | None = None, column: str = "embedding",
-                 ids_column: str | None = None, batch_size: int = _BATCH_SIZE,
-                 rows_per_split: int = _ROWS_PER_SPLIT) -> dict:
+                 ids_column: str | None = None, batch_size: int = BATCH_SIZE,
+                 rows_per_split: int = ROWS_PER_SPLIT) -> dict:
   """Reads embedding files, applies an adaptor with RunInference, writes the results.
 
   The checkpoint and the inputs are checked first (a bad d, a missing file or a
@@ -726,7 +726,7 @@ def run_pipeline(*, checkpoint, inputs, output, dim: int | None = None, dtype="f
     FileSystems.delete([manifest])
   _delete_stale_temporaries(output)
   metadata = {"checkpoint": checkpoint, "dim": dim, "dtype": dtype,
-              "library_version": adaptor.__version__}
+              "library_version": __version__}
   options = PipelineOptions(list(pipeline_args or []))
   with beam.Pipeline(options=options) as p:
     _ = (
@@ -740,50 +740,6 @@ def run_pipeline(*, checkpoint, inputs, output, dim: int | None = None, dtype="f
           "seconds": time.perf_counter() - start, "output": output, "dim": dim, "dtype": dtype}
 
 
-_EPILOG = """\
-examples:
-  python -m adaptor.beam --checkpoint checkpoints/scifact --inputs 'shards/*.npy' \\
-      --output out/ --dim 64 --dtype float16
-  python -m adaptor.beam --checkpoint gs://b/ckpt --inputs 'gs://b/emb/*.parquet' \\
-      --ids-column id --output gs://b/out --dim 64 \\
-      --runner=DataflowRunner --project=P --region=us-central1 \\
-      --temp_location=gs://b/tmp --setup_file=./setup.py
-
-Arguments this command does not know are passed to Beam's PipelineOptions.
-"""
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m adaptor.beam`: runs `run_pipeline`; returns the exit status."""
-  parser = argparse.ArgumentParser(
-      prog="python -m adaptor.beam", epilog=_EPILOG,
-      # No abbreviations: an unknown Beam option must never be taken for a prefix of ours.
-      allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
-      description="Apply a fitted adaptor to embedding files with an Apache Beam pipeline.")
-  parser.add_argument("--checkpoint", required=True, help="adaptor checkpoint directory")
-  parser.add_argument("--inputs", required=True, action="append",
-                      help="glob of .npy/.parquet files (repeatable)")
-  parser.add_argument("--output", required=True, help="output folder")
-  parser.add_argument("--dim", type=int, default=None, help="output dims (default d_out)")
-  parser.add_argument("--dtype", default="float32", choices=_DTYPES)
-  parser.add_argument("--column", default="embedding", help="Parquet vector column")
-  parser.add_argument("--ids-column", default=None, help="Parquet ids column")
-  parser.add_argument("--batch-size", type=int, default=_BATCH_SIZE, help="rows per device call")
-  parser.add_argument("--rows-per-split", type=int, default=_ROWS_PER_SPLIT,
-                      help="rows per .npy read and per intermediate part")
-  args, beam_args = parser.parse_known_args(argv)
-  try:
-    summary = run_pipeline(
-        checkpoint=args.checkpoint, inputs=args.inputs, output=args.output, dim=args.dim,
-        dtype=args.dtype, pipeline_args=beam_args, column=args.column,
-        ids_column=args.ids_column, batch_size=args.batch_size,
-        rows_per_split=args.rows_per_split)
-  except (InputError, CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(json.dumps(summary))
-  return 0
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m adaptor.beam`: the command line is in adaptor/cli/beam.py.
+  from adaptor.cli.beam import main
   sys.exit(main())

@@ -40,7 +40,6 @@ Plan on validation queries (e.g. the train split) and report on test.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -49,12 +48,13 @@ import time
 import numpy as np
 
 from adaptor import quant
-from adaptor.data import InputError, atomic_file, check_embeddings, check_output
+from adaptor.data import InputError, atomic_file, check_embeddings
+from adaptor.search import check_k
 
 CONVENTIONS = ("first-stage", "all")
 _CONFIG_FORMAT = "matryoshka-plan"
 _CONFIG_VERSION = 1
-_DEFAULT_QUALITY = 0.98
+DEFAULT_QUALITY = 0.98
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,14 +217,14 @@ def choose(candidates, *, bytes_per_vector: float | None = None, quality: float 
     fits = [i for i in idx if b(i) <= bytes_per_vector + 1e-9]
     if not fits:
       small = min(idx, key=b)
-      raise InputError(f"--bytes-per-vector must allow at least one configuration: the smallest "
+      raise InputError(f"bytes_per_vector must allow at least one configuration: the smallest "
                        f"needs {b(small):g} bytes/vector ({candidates[small].label}, convention "
                        f"{convention}), got {bytes_per_vector:g}")
     return min(fits, key=lambda i: (-candidates[i].quality, b(i), candidates[i].ms_per_query))
   reach = [i for i in idx if candidates[i].relative >= quality - 1e-12]
   if not reach:
     best = max(idx, key=lambda i: candidates[i].relative)
-    raise InputError(f"--quality must be reachable: the best configuration keeps "
+    raise InputError(f"quality must be reachable: the best configuration keeps "
                      f"{candidates[best].relative:.4f} of full-size float32 quality "
                      f"({candidates[best].label}), got {quality:g}")
   return min(reach, key=lambda i: (b(i), -candidates[i].quality, candidates[i].ms_per_query))
@@ -404,7 +404,7 @@ def plan_budget(index, query_embeddings, *, k: int = 10, qrels=None, query_ids=N
   Returns:
     A `BudgetPlan`.
   """
-  from adaptor.index import _adaptor_fingerprint
+  from adaptor.index import adaptor_fingerprint
   if convention not in CONVENTIONS:
     raise InputError(f"convention must be one of {list(CONVENTIONS)}, got {convention!r}")
   if bytes_per_vector is not None and quality is not None:
@@ -415,9 +415,9 @@ def plan_budget(index, query_embeddings, *, k: int = 10, qrels=None, query_ids=N
   if quality is not None and not quality > 0:
     raise InputError(f"quality must be a share of full-size quality > 0 (e.g. 0.98), got {quality!r}")
   if bytes_per_vector is None and quality is None:
-    quality = _DEFAULT_QUALITY
+    quality = DEFAULT_QUALITY
   d, n = index.d, index.n
-  k = quant.search_lib._check_k(k, n, what="the index size")
+  k = check_k(k, n, what="the index size")
   q = (check_embeddings(query_embeddings, name="query_embeddings", dim=d).astype(np.float32)
        if adapted else index.prepare_queries(query_embeddings))
   if qrels is not None:
@@ -434,7 +434,7 @@ def plan_budget(index, query_embeddings, *, k: int = 10, qrels=None, query_ids=N
     key = "first_stage" if convention == "first-stage" else "stored"
     small = min(range(len(schedules)), key=lambda i: sizes[i][key])
     if sizes[small][key] > bytes_per_vector + 1e-9:
-      raise InputError(f"--bytes-per-vector must allow at least one configuration: the smallest "
+      raise InputError(f"bytes_per_vector must allow at least one configuration: the smallest "
                        f"needs {sizes[small][key]:g} bytes/vector "
                        f"({quant.format_schedule(schedules[small])}, convention {convention}), "
                        f"got {bytes_per_vector:g}")
@@ -470,7 +470,7 @@ def plan_budget(index, query_embeddings, *, k: int = 10, qrels=None, query_ids=N
                     full_quality=full, k=k, d=d, convention=convention, criterion=criterion,
                     n_queries=q.shape[0], n_docs=n,
                     adaptor_fingerprint=None if index.adaptor is None
-                    else _adaptor_fingerprint(index.adaptor))
+                    else adaptor_fingerprint(index.adaptor))
 
 
 # ---------------------------------------------------------------- config files
@@ -509,108 +509,3 @@ def read_config(path) -> dict:
       raise InputError(f"{path}: store precision must be one of {list(quant.QUANTISED)}, got {p!r}")
     quant.check_store_dims(p, m, int(config["d"]), name=f"{path}: {p} store dims")
   return config
-
-
-# ---------------------------------------------------------------- CLI
-
-EXAMPLES = """\
-examples (SciFact data shipped in data/; plan on the train queries, report on test):
-  # the best configuration within 48 bytes/vector, with an adaptor
-  matryoshka-adaptor plan --beir data/scifact --model all-MiniLM-L6-v2 \\
-      --checkpoint checkpoints/scifact-minilm --bytes-per-vector 48 --out plans/minilm-48
-
-  # the fewest bytes keeping 98% of full-size float32 nDCG@10
-  matryoshka-adaptor plan --beir data/scifact --model all-MiniLM-L6-v2 --quality 0.98 \\
-      --out plans/minilm-98
-
-  # build an index with the chosen stores; its default search is the planned funnel
-  matryoshka-adaptor index build --corpus data/scifact/embeddings/all-MiniLM-L6-v2/corpus.npy \\
-      --checkpoint checkpoints/scifact-minilm --config plans/minilm-48/plan.json --out indexes/minilm
-"""
-
-
-def _positive_ints(text: str) -> tuple[int, ...]:
-  try:
-    out = tuple(int(x) for x in text.split(",") if x.strip())
-  except ValueError:
-    out = ()
-  if not out or any(v < 1 for v in out):
-    raise argparse.ArgumentTypeError(f"expected comma-separated positive ints like 4,10,40, "
-                                     f"got {text!r}")
-  return out
-
-
-def _cmd_plan(args):
-  import adaptor
-  from adaptor import cli
-  from adaptor.index import MatryoshkaIndex
-
-  check_output(args.out, name="--out", overwrite=args.overwrite,
-               members=("plan.json", "frontier.png"))
-  corpus, corpus_ids, queries, query_ids, qrels = cli._load_inputs(args, args.split)
-  if queries is None:
-    raise InputError("plan needs validation queries: --beir DIR --model NAME, or --queries FILE")
-  if query_ids is None:
-    query_ids = [str(i) for i in range(queries.shape[0])]
-  if args.max_queries is not None and args.max_queries < queries.shape[0]:
-    if args.max_queries < 1:
-      raise InputError(f"--max-queries must be >= 1, got {args.max_queries}")
-    pick = np.unique(np.linspace(0, queries.shape[0] - 1, args.max_queries).round().astype(int))
-    queries, query_ids = np.asarray(queries[pick]), [query_ids[i] for i in pick]
-  model = adaptor.load(args.checkpoint, d_in=corpus.shape[1]) if args.checkpoint else None
-  t = time.perf_counter()
-  index = MatryoshkaIndex.build(corpus, ids=corpus_ids, adaptor=model, dims=())
-  grid = Grid(dims=args.dims, **({"shortlists": args.shortlists} if args.shortlists else {}))
-  plan = plan_budget(index, queries, k=args.k, qrels=qrels, query_ids=query_ids,
-                     bytes_per_vector=args.bytes_per_vector, quality=args.quality, grid=grid,
-                     convention=args.convention, repeats=args.repeats)
-  took = time.perf_counter() - t
-  c = plan.chosen
-  print(f"{plan.n_queries} validation queries (split {args.split if args.beir else 'given'}), "
-        f"{plan.n_docs} documents, d={plan.d}; {len(plan.candidates)} configurations measured "
-        f"in {took:.0f} s; full-size float32 {plan.metric} {plan.full_quality:.4f}\n")
-  print(plan.format_frontier())
-  print(f"\n* chosen ({plan.criterion}): {c.label}  {c.bytes(plan.convention):g} bytes/vector in "
-        f"memory, {c.stored_bytes:g} stored, {plan.metric} {c.quality:.4f} "
-        f"({100 * c.relative:.1f}% of full float32), {c.ms_per_query:.3f} ms/query")
-  out = os.fspath(args.out)
-  write_config(plan, os.path.join(out, "plan.json"))
-  plan.plot(os.path.join(out, "frontier.png"),
-            title=f"{plan.metric} vs bytes/vector ({plan.n_queries} validation queries)")
-  print(f"\nwrote {out}/plan.json and {out}/frontier.png; build with: matryoshka-adaptor index "
-        f"build --corpus ... {'--checkpoint ' + args.checkpoint + ' ' if args.checkpoint else ''}"
-        f"--config {out}/plan.json --out INDEX")
-
-
-def add_plan_command(subparsers) -> argparse.ArgumentParser:
-  """Registers `plan` (the budget planner) on a CLI's subparsers; handler raises InputError on bad input."""
-  from adaptor.cli import _add_input_args, _dims
-  p = subparsers.add_parser(
-      "plan", help="budget planner: Pareto frontier of bytes/vector vs quality vs query time",
-      description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  _add_input_args(p, with_beir=True)
-  p.add_argument("--checkpoint", help="adaptor checkpoint applied to documents and queries")
-  p.add_argument("--split", default="train",
-                 help="qrels split whose queries validate the plan (BEIR input; default train, "
-                 "so that test stays for reporting)")
-  how = p.add_mutually_exclusive_group()
-  how.add_argument("--bytes-per-vector", type=float,
-                   help="choose the best quality within this many bytes/vector in memory")
-  how.add_argument("--quality", type=float,
-                   help=f"choose the fewest bytes keeping this share of full-size float32 quality "
-                   f"(default {_DEFAULT_QUALITY})")
-  p.add_argument("--k", type=int, default=10, help="results per query (nDCG@k / recall@k)")
-  p.add_argument("--dims", type=_dims, help="grid prefix dims (default 32,64,... and d)")
-  p.add_argument("--shortlists", type=_positive_ints,
-                 help="first-stage keeps of two-stage funnels, as multiples of k (default 4,10,40)")
-  p.add_argument("--convention", choices=list(CONVENTIONS), default="first-stage",
-                 help="bytes in memory: what the first stage scans (default, as "
-                 "sentence-transformers counts) or every store the funnel reads")
-  p.add_argument("--max-queries", type=int, help="use at most this many validation queries")
-  p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration")
-  p.add_argument("--out", required=True, help="folder for plan.json and frontier.png")
-  p.add_argument("--overwrite", action="store_true",
-                 help="replace plan.json and frontier.png in --out (refused otherwise)")
-  p.set_defaults(handler=_cmd_plan)
-  return p

@@ -40,13 +40,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-import adaptor
-from adaptor.data import links_leaving, temp_dir
+from adaptor._version import __version__
+from adaptor.data import fsync_dir, links_leaving, temp_dir
 
 FORMAT_VERSION = 1
-_CONFIG = "config.json"
-_PARAMS = "params"
-_MARKER = "COMPLETE"
+CONFIG = "config.json"
+PARAMS = "params"
+MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"step_(\d+)")
 _LEFTOVER_RE = re.compile(r"(step_\d+)\.(tmp|old)-.+")
 
@@ -140,7 +140,7 @@ def _restore_leaf(name: str, spec, found: np.ndarray, where: Path):
   return spec.replace(value=new) if isinstance(spec, nnx.Variable) else new
 
 
-def _fit_to_target(nested: dict, target, where: Path):
+def fit_to_target(nested: dict, target, where: Path):
   stored = {path: np.asarray(leaf) for path, leaf in _flatten(nested)[0]}
   pairs, treedef = _flatten(target)
   wanted = {path for path, _ in pairs}
@@ -177,7 +177,7 @@ def _write_params(path: Path, nested: dict) -> None:
     ckptr.save(path, args=ocp.args.StandardSave(nested))
 
 
-def _read_params(path: Path) -> dict:
+def read_params(path: Path) -> dict:
   path = Path(path).absolute()  # Orbax refuses relative paths; `check` passes the user's.
   try:
     with _checkpointer() as ckptr:
@@ -192,16 +192,7 @@ def _read_params(path: Path) -> dict:
   return jax.tree.map(np.asarray, restored)
 
 
-def _fsync_dir(path: Path) -> None:
-  if os.name == "posix":  # Directories cannot be opened for fsync on Windows.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-      os.fsync(fd)
-    finally:
-      os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
   for dirpath, _, filenames in os.walk(root):
     for filename in filenames:
       fd = os.open(os.path.join(dirpath, filename), os.O_RDONLY)
@@ -209,24 +200,24 @@ def _fsync_tree(root: Path) -> None:
         os.fsync(fd)
       finally:
         os.close(fd)
-    _fsync_dir(Path(dirpath))
+    fsync_dir(Path(dirpath))
 
 
-def _remove_tree(path: Path) -> None:
+def remove_tree(path: Path) -> None:
   # The marker goes first, so a deletion killed halfway never leaves a
   # directory that still claims to be a complete checkpoint.
   try:
-    os.remove(path / _MARKER)
+    os.remove(path / MARKER)
   except OSError:
     pass
   shutil.rmtree(path, ignore_errors=True)
 
 
-def _swap_into_place(tmp: Path, directory: Path) -> None:
+def swap_into_place(tmp: Path, directory: Path) -> None:
   """Renames the complete `tmp` to `directory`, replacing any old checkpoint there."""
   if not directory.exists():
     os.replace(tmp, directory)
-    _fsync_dir(directory.parent)
+    fsync_dir(directory.parent)
     return
   # A directory cannot be renamed over a non-empty one, so the old checkpoint
   # steps aside first; it is deleted only once the new one is in place.
@@ -238,12 +229,12 @@ def _swap_into_place(tmp: Path, directory: Path) -> None:
   except BaseException:
     os.replace(old, directory)
     raise
-  _fsync_dir(directory.parent)
-  _remove_tree(old)
+  fsync_dir(directory.parent)
+  remove_tree(old)
 
 
 def _is_checkpoint_or_empty(directory: Path) -> bool:
-  return directory.is_dir() and ((directory / _MARKER).is_file() or not any(directory.iterdir()))
+  return directory.is_dir() and ((directory / MARKER).is_file() or not any(directory.iterdir()))
 
 
 def save(directory: str | os.PathLike, state, config: dict, *, overwrite: bool = True) -> None:
@@ -260,7 +251,7 @@ def save(directory: str | os.PathLike, state, config: dict, *, overwrite: bool =
   directory = Path(directory).absolute()  # Orbax wants absolute paths.
   if not isinstance(config, dict):
     raise TypeError(f"config must be a dict, got {type(config).__name__}")
-  meta = {"format_version": FORMAT_VERSION, "library_version": adaptor.__version__}
+  meta = {"format_version": FORMAT_VERSION, "library_version": __version__}
   config = {**meta, **{k: v for k, v in config.items() if k not in meta}}
   config_text = json.dumps(config, indent=2) + "\n"  # Fails here, before touching the disk.
   nested = _to_nested_numpy(state)
@@ -271,27 +262,27 @@ def save(directory: str | os.PathLike, state, config: dict, *, overwrite: bool =
       )
     if not _is_checkpoint_or_empty(directory):
       raise CheckpointError(
-          f"{directory}: refusing to replace it, expected a checkpoint (with a {_MARKER} marker) "
+          f"{directory}: refusing to replace it, expected a checkpoint (with a {MARKER} marker) "
           "or an empty directory, found other contents"
       )
   directory.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(temp_dir(directory.parent, prefix=f"{directory.name}.tmp-"))
   try:
-    _write_params(tmp / _PARAMS, nested)
-    (tmp / _CONFIG).write_text(config_text)
-    _fsync_tree(tmp)
+    _write_params(tmp / PARAMS, nested)
+    (tmp / CONFIG).write_text(config_text)
+    fsync_tree(tmp)
     # The marker goes last: a directory that has it has everything else.
-    with open(tmp / _MARKER, "w") as f:
+    with open(tmp / MARKER, "w") as f:
       f.flush()
       os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    _swap_into_place(tmp, directory)
+    fsync_dir(tmp)
+    swap_into_place(tmp, directory)
   except BaseException:
-    _remove_tree(tmp)
+    remove_tree(tmp)
     raise
 
 
-def _recover_moved_aside(directory: Path) -> Path | None:
+def recover_moved_aside(directory: Path) -> Path | None:
   """Where the previous checkpoint is after a save was killed between its two renames.
 
   Such a save leaves the previous (complete) checkpoint at `<name>.old-<token>`
@@ -300,7 +291,7 @@ def _recover_moved_aside(directory: Path) -> Path | None:
   Returns None when there is no such checkpoint.
   """
   name = glob.escape(directory.name)
-  olds = [p for p in directory.parent.glob(f"{name}.old-*") if (p / _MARKER).is_file()]
+  olds = [p for p in directory.parent.glob(f"{name}.old-*") if (p / MARKER).is_file()]
   if not olds:
     return None
   old = max(olds, key=lambda p: p.stat().st_mtime)
@@ -315,7 +306,7 @@ def _checked(directory: str | os.PathLike) -> tuple[Path, dict]:
   """Validates a checkpoint directory and returns its absolute path and config."""
   directory = Path(directory).absolute()
   if not directory.is_dir():
-    directory = _recover_moved_aside(directory) or directory
+    directory = recover_moved_aside(directory) or directory
   if not directory.is_dir():
     name = glob.escape(directory.name)
     leftovers = sorted(
@@ -323,16 +314,16 @@ def _checked(directory: str | os.PathLike) -> tuple[Path, dict]:
     )
     hint = f" (an interrupted save left {leftovers})" if leftovers else ""
     raise CheckpointError(f"{directory}: expected a checkpoint directory, found none{hint}")
-  if not (directory / _MARKER).is_file():
+  if not (directory / MARKER).is_file():
     raise CheckpointError(
-        f"{directory}: expected a complete checkpoint with a {_MARKER} marker, found none "
+        f"{directory}: expected a complete checkpoint with a {MARKER} marker, found none "
         "(an interrupted save, or not a checkpoint)"
     )
   leaving = links_leaving(directory)
   if leaving:  # Every file of a checkpoint lies in its folder.
     raise CheckpointError(f"{directory}: expected every file inside the checkpoint folder, "
                           f"found links leaving it: {leaving[:5]}")
-  path = directory / _CONFIG
+  path = directory / CONFIG
   try:
     config = json.loads(path.read_text())
   except FileNotFoundError:
@@ -345,9 +336,9 @@ def _checked(directory: str | os.PathLike) -> tuple[Path, dict]:
     raise CheckpointError(
         f"{path}: expected format_version {FORMAT_VERSION}, found {config.get('format_version')!r}"
     )
-  if not (directory / _PARAMS).is_dir():
+  if not (directory / PARAMS).is_dir():
     raise CheckpointError(
-        f"{directory / _PARAMS}: expected an orbax checkpoint directory, found none"
+        f"{directory / PARAMS}: expected an orbax checkpoint directory, found none"
     )
   return directory, config
 
@@ -375,10 +366,10 @@ def load(directory: str | os.PathLike, target=None) -> tuple[Any, dict]:
     "library_version".
   """
   directory, config = _checked(directory)
-  nested = _read_params(directory / _PARAMS)
+  nested = read_params(directory / PARAMS)
   if target is None:
     return nested, config
-  return _fit_to_target(nested, target, directory / _PARAMS), config
+  return fit_to_target(nested, target, directory / PARAMS), config
 
 
 # ---------------------------------------------------------------- training
@@ -414,7 +405,7 @@ def resume_fingerprint(*, corpus, queries=None, qrels=None, query_ids=None, corp
       "query_ids": _digest(None if query_ids is None else [str(q) for q in query_ids]),
       "corpus_ids": _digest(None if corpus_ids is None else [str(c) for c in corpus_ids]),
       "config": json.loads(json.dumps(config, default=str)),
-      "library_version": adaptor.__version__,
+      "library_version": __version__,
   }
 
 
@@ -449,7 +440,7 @@ def remove_resume_state(directory: str | os.PathLike) -> None:
       continue
     for child in list(stage.iterdir()):
       if _STEP_RE.fullmatch(child.name) or _LEFTOVER_RE.fullmatch(child.name):
-        _remove_tree(child)
+        remove_tree(child)
     with contextlib.suppress(OSError):
       stage.rmdir()  # Only if empty.
   with contextlib.suppress(OSError):
@@ -480,7 +471,7 @@ class TrainCheckpointer:
     steps = {}
     for child in self.directory.iterdir():
       match = _STEP_RE.fullmatch(child.name)
-      if match and (child / _MARKER).is_file():
+      if match and (child / MARKER).is_file():
         steps[int(match.group(1))] = child
     return steps
 
@@ -490,10 +481,10 @@ class TrainCheckpointer:
       if not match:
         continue
       live = self.directory / match.group(1)
-      if match.group(2) == "old" and not live.exists() and (child / _MARKER).is_file():
+      if match.group(2) == "old" and not live.exists() and (child / MARKER).is_file():
         os.replace(child, live)  # A crash between the two renames of an overwrite.
       else:
-        _remove_tree(child)
+        remove_tree(child)
 
   def latest(self) -> int | None:
     """The highest step with a complete checkpoint, or None."""
@@ -508,7 +499,7 @@ class TrainCheckpointer:
     self._clean_leftovers()
     steps = self._complete_steps()
     for old in sorted(steps)[: -self.keep]:
-      _remove_tree(steps[old])
+      remove_tree(steps[old])
 
   def restore(self, target=None) -> tuple[int, Any, dict]:
     """Loads the latest complete checkpoint into `target` (see `load`).

@@ -31,10 +31,10 @@ import numpy as np
 _CHUNK_BYTES = 64 * 2**20
 _CHUNK_ROWS = 65536
 # How many offending row indices or ids an error message lists.
-_SHOW = 5
+MAX_SHOWN = 5
 _QRELS_SPLITS = ("train", "dev", "test")
 # Norm bounds of a usable row: `search.l2_normalize` treats norms <= 1e-12
-# (its _NORM_EPS) as zero, and a float32 squared norm above float32's max is Inf.
+# (its NORM_EPS) as zero, and a float32 squared norm above float32's max is Inf.
 _MIN_NORM = 1e-12
 _MAX_SQ_NORM = float(np.finfo(np.float32).max)
 
@@ -99,7 +99,7 @@ def _describe_rows(count: int, what: str, rows: list[int]) -> str:
   return f"{count} {noun} {what} (first rows {rows})"
 
 
-def _row_problems(x: np.ndarray, chunk_rows: int | None = None) -> list[str]:
+def row_problems(x: np.ndarray, chunk_rows: int | None = None) -> list[str]:
   """Describes the rows of [n, d] `x` with NaN, Inf, all zeros, or a norm normalisation cannot use."""
   counts = {key: [0, 0, []] for key in ("nan", "inf", "zero", "tiny", "huge")}  # rows, values, first
 
@@ -108,8 +108,8 @@ def _row_problems(x: np.ndarray, chunk_rows: int | None = None) -> list[str]:
     entry = counts[key]
     entry[0] += idx.size
     entry[1] += n_values
-    if len(entry[2]) < _SHOW:
-      entry[2].extend(int(i) + start for i in idx[:_SHOW - len(entry[2])])
+    if len(entry[2]) < MAX_SHOWN:
+      entry[2].extend(int(i) + start for i in idx[:MAX_SHOWN - len(entry[2])])
 
   for sl in _row_chunks(x.shape[0], x.shape[1] * x.itemsize, chunk_rows):
     chunk = np.asarray(x[sl])
@@ -161,8 +161,8 @@ def _row_problems(x: np.ndarray, chunk_rows: int | None = None) -> list[str]:
 
 
 def _scan_rows(x: np.ndarray, name: str, chunk_rows: int | None = None) -> None:
-  """Raises InputError if any row of [n, d] `x` is listed by `_row_problems`."""
-  problems = _row_problems(x, chunk_rows)
+  """Raises InputError if any row of [n, d] `x` is listed by `row_problems`."""
+  problems = row_problems(x, chunk_rows)
   if problems:
     raise InputError(
         f"{name} must have finite, non-zero rows; got " + "; ".join(problems)
@@ -273,7 +273,7 @@ def load_ids(path) -> list[str]:
   return lines
 
 
-def _as_id_list(ids, name: str) -> list[str]:
+def as_id_list(ids, name: str) -> list[str]:
   if isinstance(ids, np.ndarray):
     ids = ids.tolist()
   out = []
@@ -287,7 +287,7 @@ def _as_id_list(ids, name: str) -> list[str]:
   return out
 
 
-def _check_ids(ids: list[str], n: int, name: str, rows_of: str) -> None:
+def check_ids(ids: list[str], n: int, name: str, rows_of: str) -> None:
   if len(ids) != n:
     raise InputError(f"{name} must have one id per row of {rows_of} ({n}), got {len(ids)} ids")
   seen: dict[str, int] = {}
@@ -327,7 +327,7 @@ def _npy_dtype(path: Path):
     return None
 
 
-def _load_npy(path: Path, mmap: bool) -> np.ndarray:
+def load_npy(path: Path, mmap: bool) -> np.ndarray:
   try:
     x = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
   except (ValueError, OSError, EOFError) as e:
@@ -344,7 +344,7 @@ def _load_npy(path: Path, mmap: bool) -> np.ndarray:
   return x
 
 
-def _load_npz(path: Path, column: str | None) -> np.ndarray:
+def load_npz(path: Path, column: str | None) -> np.ndarray:
   try:
     with np.load(path, allow_pickle=False) as z:
       if not isinstance(z, np.lib.npyio.NpzFile):
@@ -368,7 +368,7 @@ def _first_true(mask) -> int:
   return int(np.flatnonzero(np.asarray(mask))[0])
 
 
-def _vectors_from_arrow(table, column: str, where: str) -> np.ndarray:
+def vectors_from_arrow(table, column: str, where: str) -> np.ndarray:
   """[n, d] array from a list<num> or fixed_size_list<num> column of a pyarrow Table."""
   import pyarrow as pa
   import pyarrow.compute as pc
@@ -410,7 +410,7 @@ def _vectors_from_arrow(table, column: str, where: str) -> np.ndarray:
   return values.to_numpy(zero_copy_only=False).reshape(n, d)
 
 
-def _ids_from_arrow(table, ids_column: str, where: str) -> list[str]:
+def ids_from_arrow(table, ids_column: str, where: str) -> list[str]:
   import pyarrow as pa
 
   if ids_column not in table.column_names:
@@ -429,7 +429,7 @@ def _ids_from_arrow(table, ids_column: str, where: str) -> list[str]:
   return [str(v) for v in col.to_pylist()]
 
 
-def _read_parquet(path: Path, columns: list[str]):
+def read_parquet(path: Path, columns: list[str]):
   import pyarrow as pa
   import pyarrow.parquet as pq
 
@@ -452,7 +452,7 @@ def _is_hf_dataset(obj) -> bool:
   return isinstance(obj, (datasets.Dataset, datasets.DatasetDict))
 
 
-def _hf_table(ds, columns: list[str], where: str, split: str | None):
+def hf_table(ds, columns: list[str], where: str, split: str | None):
   import datasets
 
   if isinstance(ds, datasets.DatasetDict):
@@ -527,19 +527,19 @@ def load_embeddings(
         raise InputError(
             f"embeddings directory {path} must be a dataset written by "
             f"Dataset.save_to_disk: {e}") from e
-      table, where = _hf_table(ds, table_columns, where, split)
+      table, where = hf_table(ds, table_columns, where, split)
     elif suffix == ".parquet":
       table_columns = [column or "embedding"] + ([ids_column] if ids_column else [])
-      table = _read_parquet(path, table_columns)
+      table = read_parquet(path, table_columns)
     elif suffix in (".npy", ".npz"):
       if ids_column is not None:
         raise InputError(f"ids_column needs a Parquet file or dataset, got {suffix} file {path}")
       if suffix == ".npy":
         if column is not None:
           raise InputError(f"column applies to .npz, Parquet and datasets, got .npy file {path}")
-        vectors = _load_npy(path, mmap)
+        vectors = load_npy(path, mmap)
       else:
-        vectors = _load_npz(path, column)
+        vectors = load_npz(path, column)
     else:
       raise InputError(
           f"embeddings path {path} must be a .npy, .npz or .parquet file or a dataset "
@@ -547,7 +547,7 @@ def load_embeddings(
   elif _is_hf_dataset(source):
     where = name or f"dataset ({type(source).__name__})"
     table_columns = [column or "embedding"] + ([ids_column] if ids_column else [])
-    table, where = _hf_table(source, table_columns, where, split)
+    table, where = hf_table(source, table_columns, where, split)
   else:
     where = name or "embeddings"
     if column is not None or ids_column is not None:
@@ -556,9 +556,9 @@ def load_embeddings(
     vectors = source
 
   if table_columns is not None:
-    vectors = _vectors_from_arrow(table, table_columns[0], where)
+    vectors = vectors_from_arrow(table, table_columns[0], where)
     if ids_column is not None:
-      ids_list = _ids_from_arrow(table, ids_column, where)
+      ids_list = ids_from_arrow(table, ids_column, where)
 
   vectors = check_embeddings(vectors, name=where)
   if ids is not None:
@@ -566,12 +566,12 @@ def load_embeddings(
       ids_list = load_ids(ids)
       ids_name = f"ids file {ids}"
     else:
-      ids_list = _as_id_list(ids, "ids")
+      ids_list = as_id_list(ids, "ids")
       ids_name = "ids"
   else:
     ids_name = f"ids column {ids_column!r}"
   if ids_list is not None:
-    _check_ids(ids_list, vectors.shape[0], ids_name, where)
+    check_ids(ids_list, vectors.shape[0], ids_name, where)
   return Embeddings(vectors=vectors, ids=ids_list)
 
 
@@ -649,13 +649,13 @@ def check_qrels(qrels, *, query_ids, doc_ids, name: str = "qrels") -> None:
   if unknown_q:
     raise InputError(
         f"{name} has {len(unknown_q)} query ids not in the query ids "
-        f"(first: {unknown_q[:_SHOW]})")
+        f"(first: {unknown_q[:MAX_SHOWN]})")
   known_d = set(doc_ids)
   unknown_d = list(dict.fromkeys(d for docs in qrels.values() for d in docs if d not in known_d))
   if unknown_d:
     raise InputError(
         f"{name} has {len(unknown_d)} document ids not in the corpus ids "
-        f"(first: {unknown_d[:_SHOW]})")
+        f"(first: {unknown_d[:MAX_SHOWN]})")
 
 
 def load_beir(root, model: str) -> RetrievalData:
@@ -777,7 +777,7 @@ def links_leaving(folder) -> list[str]:
   return out
 
 
-def check_output(path, *, name: str, overwrite: bool, members=(), hint: str = "--overwrite"):
+def check_output(path, *, name: str, overwrite: bool, members=(), hint: str = "overwrite=True"):
   """Refuses, before any work, an output that exists (unless `overwrite`) or cannot be written.
 
   Every writing command calls this first, so that an existing result is
@@ -790,7 +790,7 @@ def check_output(path, *, name: str, overwrite: bool, members=(), hint: str = "-
     overwrite: whether an existing output may be replaced.
     members: for a folder output that may exist (e.g. eval's --out), the
       files in it that the command writes; only those count as existing.
-    hint: how to allow the replacement ("--overwrite", "overwrite=True").
+    hint: how to allow the replacement (the CLI words overwrite=True as --overwrite).
   """
   path = Path(path)
   if members:
@@ -814,6 +814,16 @@ def check_output(path, *, name: str, overwrite: bool, members=(), hint: str = "-
     os.remove(probe)
   except OSError as e:
     raise InputError(f"{name} {path}: could not write in {folder}: {e.strerror or e}") from None
+
+
+def fsync_dir(path) -> None:
+  """Makes the renames and creations inside the folder `path` durable (a no-op off POSIX)."""
+  if os.name == "posix":  # Directories cannot be opened for fsync on Windows.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,6 @@ left aside.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 from collections import Counter
@@ -22,15 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from adaptor import data
+from adaptor._version import __version__
 from adaptor.data import InputError
-
-EXAMPLES = """\
-examples:
-  matryoshka-adaptor check data/scifact/embeddings/all-MiniLM-L6-v2/corpus.npy \\
-      --ids data/scifact/embeddings/all-MiniLM-L6-v2/corpus_ids.txt
-  matryoshka-adaptor check corpus.parquet --column embedding
-  matryoshka-adaptor check checkpoints/scifact-minilm
-"""
 
 # Files that make a directory a checkpoint (see adaptor.checkpoint).
 _CHECKPOINT_FILES = ("COMPLETE", "config.json", "params")
@@ -58,11 +50,11 @@ def check_file(path, *, column: str | None = None, ids=None) -> list[str]:
   Returns:
     One line per problem, each naming the file; an empty list means usable.
   """
-  return _inspect(path, column=column, ids=ids)[1]
+  return describe(path, column=column, ids=ids)[1]
 
 
-def _inspect(path, *, column=None, ids=None) -> tuple[str, list[str]]:
-  """(one-line summary of what was found, problems)."""
+def describe(path, *, column=None, ids=None) -> tuple[str, list[str]]:
+  """(one-line summary of what was found, problems): `check_file` with a summary."""
   path = Path(path)
   if not path.exists():
     leftovers = sorted(p.name for kind in ("tmp", "old")
@@ -83,7 +75,7 @@ def _inspect(path, *, column=None, ids=None) -> tuple[str, list[str]]:
         "before the end; run it again with the same arguments to finish it"]
   if path.is_dir() and any((path / f).exists() for f in _CHECKPOINT_FILES):
     if column is not None or ids is not None:
-      return "a checkpoint", [f"{path} is a checkpoint directory; --column and --ids apply "
+      return "a checkpoint", [f"{path} is a checkpoint directory; column= and ids= apply "
                               "to embeddings files"]
     return _inspect_checkpoint(path)
   return _inspect_embeddings(path, column, ids)
@@ -104,17 +96,17 @@ def _raw_vectors(path: Path, column: str | None):
       raise InputError(f"directory {path} must be a checkpoint or a dataset written by "
                        f"Dataset.save_to_disk: {e}") from e
     col = column or "embedding"
-    table, where = data._hf_table(ds, [col], str(path), None)
-    return data._vectors_from_arrow(table, col, where)
+    table, where = data.hf_table(ds, [col], str(path), None)
+    return data.vectors_from_arrow(table, col, where)
   if suffix == ".npy":
     if column is not None:
       raise InputError(f"column applies to .npz, Parquet and datasets, got .npy file {path}")
-    return data._load_npy(path, mmap=True)
+    return data.load_npy(path, mmap=True)
   if suffix == ".npz":
-    return data._load_npz(path, column)
+    return data.load_npz(path, column)
   if suffix == ".parquet":
     col = column or "embedding"
-    return data._vectors_from_arrow(data._read_parquet(path, [col]), col, str(path))
+    return data.vectors_from_arrow(data.read_parquet(path, [col]), col, str(path))
   raise InputError(f"{path} must be a .npy, .npz or .parquet file, a dataset directory or a "
                    f"checkpoint directory, got suffix {path.suffix!r}")
 
@@ -141,7 +133,7 @@ def _inspect_embeddings(path: Path, column, ids) -> tuple[str, list[str]]:
       # As check_embeddings does: float64 -> float32 may overflow to Inf.
       with np.errstate(over="ignore"):
         x = x.astype(np.float32)
-    rows = data._row_problems(x)
+    rows = data.row_problems(x)
     if rows:
       problems.append(f"{path} must have finite, non-zero rows; got " + "; ".join(rows)
                       + f" out of {x.shape[0]} rows")
@@ -162,13 +154,13 @@ def _id_problems(ids_path: Path, n: int | None, where: str) -> list[str]:
                     f"got {len(ids)} ids")
   dupes = [(v, c) for v, c in Counter(ids).items() if c > 1]
   if dupes:
-    first = [f"{v!r} x{c}" for v, c in dupes[:data._SHOW]]
+    first = [f"{v!r} x{c}" for v, c in dupes[:data.MAX_SHOWN]]
     problems.append(f"ids file {ids_path} must hold unique ids, got {len(dupes)} duplicated "
                     f"ids (first: {', '.join(first)})")
   blank = [i + 1 for i, v in enumerate(ids) if not v.strip()]
   if blank:
     problems.append(f"ids file {ids_path} must hold non-empty ids, got blank ids on lines "
-                    f"{blank[:data._SHOW]}")
+                    f"{blank[:data.MAX_SHOWN]}")
   return problems
 
 
@@ -177,18 +169,17 @@ def _id_problems(ids_path: Path, n: int | None, where: str) -> list[str]:
 
 
 def _inspect_checkpoint(path: Path) -> tuple[str, list[str]]:
-  import adaptor
   from adaptor import checkpoint
   from adaptor.checkpoint import CheckpointError
   from adaptor.model import AdaptorConfig
 
   problems = [f"{path}: expected every file inside the checkpoint folder, found links "
               f"leaving it: {p}" for p in data.links_leaving(path)]
-  if not (path / checkpoint._MARKER).is_file():
-    problems.append(f"{path}: expected a {checkpoint._MARKER} marker (written last by a "
+  if not (path / checkpoint.MARKER).is_file():
+    problems.append(f"{path}: expected a {checkpoint.MARKER} marker (written last by a "
                     "save), found none: an interrupted save, or not a checkpoint")
   config, cfg = None, None
-  config_path = path / checkpoint._CONFIG
+  config_path = path / checkpoint.CONFIG
   try:
     config = json.loads(config_path.read_text())
     if not isinstance(config, dict):
@@ -203,22 +194,22 @@ def _inspect_checkpoint(path: Path) -> tuple[str, list[str]]:
       problems.append(f"{config_path}: expected format_version {checkpoint.FORMAT_VERSION}, "
                       f"found {config.get('format_version')!r}")
     found = config.get("library_version")
-    if str(found).split(".")[:2] != adaptor.__version__.split(".")[:2]:
-      problems.append(f"{config_path}: expected library_version {adaptor.__version__} (same "
+    if str(found).split(".")[:2] != __version__.split(".")[:2]:
+      problems.append(f"{config_path}: expected library_version {__version__} (same "
                       f"major.minor), found {found!r}")
     try:
       cfg = AdaptorConfig.from_dict(config["adaptor"])
     except (KeyError, TypeError, ValueError) as e:
       problems.append(f"{config_path}: expected a valid 'adaptor' section, found error: "
                       f"{type(e).__name__}: {e}")
-  params = path / checkpoint._PARAMS
+  params = path / checkpoint.PARAMS
   if not params.is_dir():
     problems.append(f"{params}: expected an orbax checkpoint directory, found none")
   else:
     try:
-      nested = checkpoint._read_params(params)
+      nested = checkpoint.read_params(params)
       if cfg is not None:
-        checkpoint._fit_to_target(nested, _abstract_params(cfg), params)
+        checkpoint.fit_to_target(nested, _abstract_params(cfg), params)
     except CheckpointError as e:
       problems.append(str(e))
   summary = "a checkpoint" if cfg is None else (
@@ -307,41 +298,3 @@ def _abstract_params(cfg):
   abstract = nnx.eval_shape(lambda: MatryoshkaAdaptor(
       cfg.d_in, d_out=cfg.d_out, hidden=cfg.hidden, reorder=cfg.reorder, rngs=nnx.Rngs(0)))
   return nnx.state(abstract, nnx.Param)
-
-
-# ---------------------------------------------------------------------------
-# Command line
-
-
-def run_check(args: argparse.Namespace) -> int:
-  """Prints a short report on `args.path`; returns 0 if it is usable, else 2."""
-  summary, problems = _inspect(args.path, column=args.column, ids=args.ids)
-  if not problems:
-    print(f"{args.path}: OK, {summary}")
-    return 0
-  noun = "problem" if len(problems) == 1 else "problems"
-  print(f"{args.path}: {len(problems)} {noun} ({summary})")
-  for p in problems:
-    print(f"  - {p}")
-  return 2
-
-
-def add_check_command(subparsers) -> argparse.ArgumentParser:
-  """Registers `check FILE [--column C] [--ids IDS]`; its handler is `args.handler`.
-
-  The handler (`run_check`) returns the exit code: 0 when FILE is usable, 2
-  when it lists problems.
-  """
-  p = subparsers.add_parser(
-      "check", help="list every problem of an embeddings file, checkpoint, index or apply output",
-      description="Reads an embeddings file (.npy, .npz, .parquet, saved dataset), an "
-                  "adaptor checkpoint directory, a search index or a streamed apply output "
-                  "directory and lists every problem found; exits 0 if there are none, 2 "
-                  "otherwise.",
-      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("path", metavar="FILE",
-                 help="embeddings file/dataset, checkpoint, index or apply-output directory")
-  p.add_argument("--column", help="embedding column/array name (npz, parquet, HF datasets)")
-  p.add_argument("--ids", help="text file with one id per row, checked against FILE")
-  p.set_defaults(handler=run_check)
-  return p

@@ -34,7 +34,7 @@ import tempfile
 
 import numpy as np
 
-import adaptor
+from adaptor._version import __version__
 from adaptor import portable
 from adaptor.data import InputError
 from adaptor.search import check_dim
@@ -72,7 +72,7 @@ def export_arrays(model, dim: int | None = None) -> tuple[dict[str, np.ndarray],
       "reorder": "true" if cfg.reorder else "false",
       "dims": json.dumps([m for m in cfg.dims if m <= dim]),
       "activation": portable.ACTIVATION, "normalize_inputs": "false",
-      "library_version": adaptor.__version__,
+      "library_version": __version__,
   }
   return {k: np.ascontiguousarray(v) for k, v in tensors.items()}, meta
 
@@ -143,7 +143,7 @@ def onnx_model(tensors: dict[str, np.ndarray], meta: dict[str, str]):
       initializer=inits)
   model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
                             producer_name="matryoshka-adaptor",
-                            producer_version=adaptor.__version__)
+                            producer_version=__version__)
   helper.set_model_props(model, meta)
   return model
 
@@ -174,7 +174,7 @@ def write_file(path, data: bytes, *, overwrite: bool = False) -> None:
   if os.path.isdir(path):
     raise InputError(f"export path {path}: expected a file path, got a directory")
   if os.path.exists(path) and not overwrite:
-    raise InputError(f"export path {path} exists; pass overwrite=True (--overwrite) to replace it")
+    raise InputError(f"export path {path} exists; pass overwrite=True to replace it")
   folder = os.path.dirname(path)
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
@@ -190,7 +190,7 @@ def write_file(path, data: bytes, *, overwrite: bool = False) -> None:
       try:
         os.link(tmp, path)
       except FileExistsError:
-        raise InputError(f"export path {path} exists; pass overwrite=True (--overwrite) to "
+        raise InputError(f"export path {path} exists; pass overwrite=True to "
                          "replace it") from None
       except OSError:  # No hard links on this filesystem: checked above, rename instead.
         os.replace(tmp, path)

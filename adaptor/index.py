@@ -45,23 +45,23 @@ vectors correctly.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import hashlib
 import json
 import os
 import threading
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
-import adaptor
+from adaptor._version import __version__
 from adaptor import checkpoint, quant, search as search_lib
-from adaptor.data import (InputError, atomic_file, check_embeddings, check_output, _as_id_list,
-                          _check_ids, links_leaving, member_path, temp_dir)
+# Renamed: MatryoshkaIndex's methods take an argument called `adaptor`.
+from adaptor.api import load as load_adaptor
+from adaptor.data import (InputError, as_id_list, atomic_file, check_embeddings, check_ids,
+                          check_output, fsync_dir, links_leaving, member_path, temp_dir)
 
 FORMAT_VERSION = 1
 _META = "index.json"
@@ -70,7 +70,8 @@ _NORMS = "inv_norms.npy"
 _IDS = "ids.json"
 _ADAPTOR = "adaptor"
 _MARKER = "COMPLETE"
-_PRECISIONS = {"float32": np.float32, "float16": np.float16}
+# The float precisions an index can store its vectors in (`MatryoshkaIndex.build(precision=)`).
+VECTOR_DTYPES = {"float32": np.float32, "float16": np.float16}
 # Rows adapted, normalised and copied at a time when building or adding.
 _BUILD_ROWS = 65536
 # Float funnels whose first stage reads at most max(this, d / 8) dims scan a
@@ -79,7 +80,7 @@ _FIRST_STAGE_MIN = 32
 _aligned_empty = search_lib.aligned_empty
 
 
-def _adaptor_fingerprint(model) -> str:
+def adaptor_fingerprint(model) -> str:
   """A digest of an adaptor's config and parameters."""
   from flax import nnx
   h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
@@ -219,8 +220,8 @@ class MatryoshkaIndex:
       calibration_rows, key: int8 calibration sample (see `add_store`).
       schedule: default funnel for `search` (see `search`), e.g. a planned one.
     """
-    if precision not in _PRECISIONS:
-      raise InputError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
+    if precision not in VECTOR_DTYPES:
+      raise InputError(f"precision must be one of {sorted(VECTOR_DTYPES)}, got {precision!r}")
     _check_adaptor(adaptor)
     d_in = adaptor.d_in if adaptor is not None else None
     name = "corpus_embeddings"
@@ -228,9 +229,9 @@ class MatryoshkaIndex:
     if adaptor is not None and x.shape[1] != adaptor.d_in:
       raise InputError(f"{name} must have d={adaptor.d_in} (the adaptor's d_in), got {x.shape}")
     index = cls(_aligned_empty((0, adaptor.d_out if adaptor else x.shape[1]),
-                               _PRECISIONS[precision]), [], adaptor=adaptor,
+                               VECTOR_DTYPES[precision]), [], adaptor=adaptor,
                 precision=precision,
-                block_size=None if block_size is None else search_lib._check_positive(block_size, "block_size"))
+                block_size=None if block_size is None else search_lib.check_positive(block_size, "block_size"))
     wanted = _store_specs(stores, index.d)  # Checked before the corpus is adapted.
     index.vectors, index.ids = index._prepared(x, ids, name=name, ids_name="ids")
     for m in (_default_dims(index.d, adaptor) if dims is None else dims):
@@ -306,8 +307,8 @@ class MatryoshkaIndex:
   def _prepared(self, x, ids, *, name, ids_name, first_id: int = 0):
     """Existing vectors and ids with `x` (validated) adapted, normalised and appended."""
     n_new = x.shape[0]
-    ids = [str(first_id + i) for i in range(n_new)] if ids is None else _as_id_list(ids, ids_name)
-    _check_ids(ids, n_new, ids_name, name)
+    ids = [str(first_id + i) for i in range(n_new)] if ids is None else as_id_list(ids, ids_name)
+    check_ids(ids, n_new, ids_name, name)
     if self.ids:
       row_of = self._rows()
       taken = [v for v in ids if v in row_of]
@@ -362,7 +363,7 @@ class MatryoshkaIndex:
   @_exclusive
   def rows(self, ids) -> np.ndarray:
     """Row numbers of document ids; InputError naming any unknown ids."""
-    ids = _as_id_list([ids] if isinstance(ids, str) else ids, "ids")
+    ids = as_id_list([ids] if isinstance(ids, str) else ids, "ids")
     row_of = self._rows()
     unknown = [v for v in ids if v not in row_of]
     if unknown:
@@ -481,7 +482,7 @@ class MatryoshkaIndex:
       q = check_embeddings(query_embeddings, name="query_embeddings", dim=self.d)
     else:
       q = self.prepare_queries(query_embeddings)
-    k = search_lib._check_k(k, self.n, what="the index size")
+    k = search_lib.check_k(k, self.n, what="the index size")
     block = self.block_size  # None: sized by dim (search.default_sizes).
     if schedule is None and dim is None and precision is None and self.schedule is not None:
       if self.schedule[-1][1] < k:
@@ -633,11 +634,11 @@ class MatryoshkaIndex:
     dims = self.dims
     meta = {
         "format": "matryoshka-index", "format_version": FORMAT_VERSION,
-        "library_version": adaptor.__version__, "n": self.n, "d": self.d, "d_in": self.d_in,
+        "library_version": __version__, "n": self.n, "d": self.d, "d_in": self.d_in,
         "precision": self.precision, "dims": list(dims), "block_size": self.block_size,
         "adaptor": None if self.adaptor is None else {
             "config": self.adaptor.config.to_dict(),
-            "fingerprint": _adaptor_fingerprint(self.adaptor)},
+            "fingerprint": adaptor_fingerprint(self.adaptor)},
         "stores": [{"precision": p, "dims": m,
                     "files": {name: _store_file(p, m, name) for name in st.arrays()}}
                    for (p, m), st in sorted(self._stores.items())],
@@ -659,14 +660,14 @@ class MatryoshkaIndex:
       if self.adaptor is not None:
         self.adaptor.save(tmp / _ADAPTOR)
       (tmp / _META).write_text(json.dumps(meta, indent=2) + "\n")
-      checkpoint._fsync_tree(tmp)
+      checkpoint.fsync_tree(tmp)
       with open(tmp / _MARKER, "w") as f:  # The marker goes last.
         f.flush()
         os.fsync(f.fileno())
-      checkpoint._fsync_dir(tmp)
-      checkpoint._swap_into_place(tmp, directory)
+      fsync_dir(tmp)
+      checkpoint.swap_into_place(tmp, directory)
     except BaseException:
-      checkpoint._remove_tree(tmp)
+      checkpoint.remove_tree(tmp)
       raise
 
   @classmethod
@@ -688,7 +689,7 @@ class MatryoshkaIndex:
     alloc = _aligned_empty if shared is None else shared.empty
     directory = Path(directory).absolute()
     if not directory.is_dir():  # A save killed between its two renames left the old one aside.
-      directory = checkpoint._recover_moved_aside(directory) or directory
+      directory = checkpoint.recover_moved_aside(directory) or directory
     if not (directory / _MARKER).is_file():
       raise InputError(f"{directory}: expected a complete index with a {_MARKER} marker, found "
                        "none (an interrupted save, or not an index)")
@@ -704,7 +705,7 @@ class MatryoshkaIndex:
       raise InputError(f"{directory / _META}: expected a matryoshka-index format_version "
                        f"{FORMAT_VERSION}, found {meta.get('format')!r} {meta.get('format_version')!r}")
     n, d, precision = meta["n"], meta["d"], meta["precision"]
-    vectors = _read_npy(directory / _VECTORS, (n, d), np.dtype(_PRECISIONS[precision]), alloc)
+    vectors = _read_npy(directory / _VECTORS, (n, d), np.dtype(VECTOR_DTYPES[precision]), alloc)
     dims = tuple(meta["dims"])
     norms = _read_npy(directory / _NORMS, (len(dims), n), np.dtype(np.float32))
     norms = {m: norms[i] if shared is None else shared.share(norms[i])
@@ -717,8 +718,8 @@ class MatryoshkaIndex:
       raise InputError(f"{directory}: the index was built without an adaptor, got one ({adaptor!r})")
     if stored is not None:
       if adaptor is None:
-        adaptor = _load_adaptor(directory / _ADAPTOR)
-      found = _adaptor_fingerprint(adaptor)
+        adaptor = load_adaptor(directory / _ADAPTOR)
+      found = adaptor_fingerprint(adaptor)
       if found != stored["fingerprint"]:
         raise InputError(f"{directory}: adaptor mismatch: the index was built with adaptor "
                          f"fingerprint {stored['fingerprint']}, got {found} ({adaptor!r})")
@@ -796,11 +797,6 @@ def _store_specs(stores, d: int) -> list[tuple[str, int]]:
                        f"index's own vectors), got {p!r}")
     out.append((p, quant.check_store_dims(p, m, d, name=f"{p} store dims")))
   return list(dict.fromkeys(out))
-
-
-def _load_adaptor(path):
-  # A function, because MatryoshkaIndex.load's `adaptor` argument hides the module.
-  return adaptor.load(path)
 
 
 def _check_adaptor(model) -> None:
@@ -885,7 +881,7 @@ def _rerank_np(q_by_dim, vectors, norms, cand, m, keep):
   """numpy twin of search.rerank over [n_q, n_cand] candidates (ascending order)."""
   q = q_by_dim[m]
   out = np.empty((cand.shape[0], keep), np.int64)
-  chunk = max(1, search_lib._RERANK_FLOATS // max(1, cand.shape[1] * m))
+  chunk = max(1, search_lib.RERANK_FLOATS // max(1, cand.shape[1] * m))
   for s in range(0, cand.shape[0], chunk):
     c = cand[s:s + chunk]
     vec = vectors[c, :m].astype(np.float32)
@@ -926,10 +922,10 @@ def plan_schedule(index: MatryoshkaIndex, query_embeddings, *, k: int = 10,
   if not 0 < target_recall <= 1:
     raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}")
   n, d = index.n, index.d
-  k = search_lib._check_k(k, n, what="the index size")
+  k = search_lib.check_k(k, n, what="the index size")
   q = (check_embeddings(query_embeddings, name="query_embeddings", dim=d).astype(np.float32)
        if adapted else index.prepare_queries(query_embeddings))
-  corpus_size = n if corpus_size is None else search_lib._check_positive(corpus_size, "corpus_size")
+  corpus_size = n if corpus_size is None else search_lib.check_positive(corpus_size, "corpus_size")
   first_dims = [m for m in index.dims if m < d] if first_dims is None else list(first_dims)
   middle_dims = first_dims if middle_dims is None else list(middle_dims)
   first_keeps = (20, 50, 100, 200, 500, 1000, 2000, 4000) if first_keeps is None else first_keeps
@@ -979,196 +975,3 @@ def plan_schedule(index: MatryoshkaIndex, query_embeddings, *, k: int = 10,
   return Plan(schedule=schedule, recall=recall, cost=best_cost, exact_cost=exact_cost,
               speedup=exact_cost / best_cost, corpus_size=corpus_size, target=target_recall,
               candidates=candidates)
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def _parse_schedule(text: str):
-  """DIM:KEEP[:PRECISION] stages separated by commas -> (dim, keep[, precision]) tuples."""
-  stages = []
-  for part in (p.strip() for p in text.split(",")):
-    fields = part.split(":")
-    try:
-      if not part or len(fields) not in (2, 3) or (len(fields) == 3 and fields[2] not in
-                                                   quant.PRECISIONS):
-        raise ValueError
-      stage = (int(fields[0]), int(fields[1])) + tuple(fields[2:])
-    except ValueError:
-      raise argparse.ArgumentTypeError(
-          f"expected DIM:KEEP[:PRECISION] stages separated by commas, precision one of "
-          f"{list(quant.PRECISIONS)}, like 256:400:binary,256:40:int8,768:10; got {text!r}") from None
-    stages.append(stage)
-  return stages
-
-
-def _parse_stores(text: str):
-  """PRECISION:DIMS items separated by commas -> (precision, dims) pairs."""
-  out = []
-  for part in (p.strip() for p in text.split(",")):
-    p, _, m = part.partition(":")
-    if p not in quant.QUANTISED or not m.isdigit():
-      raise argparse.ArgumentTypeError(
-          f"expected PRECISION:DIMS items separated by commas, precision one of "
-          f"{list(quant.QUANTISED)}, like binary:768,int8:256; got {text!r}")
-    out.append((p, int(m)))
-  return out
-
-
-def _parse_workers(text: str) -> str:
-  if text != "auto" and not (text.isdigit() and int(text) >= 0):
-    raise argparse.ArgumentTypeError(f"expected a count >= 0 or 'auto', got {text!r}")
-  return text
-
-
-def _load_queries(args):
-  emb = adaptor.load_embeddings(args.queries, column=args.column, ids=args.query_ids,
-                                name="--queries")
-  ids = emb.ids or [str(i) for i in range(emb.vectors.shape[0])]
-  return emb.vectors, ids
-
-
-def _cmd_build(args):
-  check_output(args.out, name="--out", overwrite=args.overwrite)
-  model = adaptor.load(args.checkpoint) if args.checkpoint else None
-  emb = adaptor.load_embeddings(args.corpus, column=args.column, ids=args.corpus_ids,
-                                name="--corpus")
-  if model is not None and emb.vectors.shape[1] != model.d_in:
-    raise InputError(f"--corpus {args.corpus}: adaptor {args.checkpoint} expects d={model.d_in}, "
-                     f"got d={emb.vectors.shape[1]}")
-  stores, schedule = list(args.stores or []), None
-  if args.config:
-    from adaptor.budget import read_config
-    config = read_config(args.config)
-    d_out = model.d_out if model is not None else emb.vectors.shape[1]
-    if config["d"] != d_out:
-      raise InputError(f"--config {args.config}: planned for d={config['d']}, got an index of "
-                       f"d={d_out}")
-    found = None if model is None else _adaptor_fingerprint(model)
-    if config.get("adaptor_fingerprint") != found:
-      raise InputError(f"--config {args.config}: planned with adaptor fingerprint "
-                       f"{config.get('adaptor_fingerprint')}, got {found} (--checkpoint "
-                       f"{args.checkpoint})")
-    stores += [(st["precision"], st["dims"]) for st in config["stores"]]
-    schedule = config["schedule"]
-  t = time.perf_counter()
-  from adaptor import interrupts
-  with interrupts.deferred(done=f"the index had been saved to {args.out}"):
-    index = MatryoshkaIndex.build(emb.vectors, ids=emb.ids, adaptor=model,
-                                  precision=args.precision, stores=stores,
-                                  calibration_rows=args.calibration_rows, schedule=schedule)
-    interrupts.check(f"nothing written to {args.out}; rerun the command")
-    index.save(args.out, overwrite=args.overwrite)
-  print(f"saved {index!r} to {args.out} ({time.perf_counter() - t:.1f} s)"
-        + (f"; default schedule {quant.format_schedule(index.schedule)}" if schedule else ""))
-
-
-def _write_run(path, query_ids, ids, scores) -> None:
-  """Writes a TREC-style run TSV (query-id, doc-id, rank, score) atomically."""
-  with atomic_file(path) as f:
-    f.write("query-id\tcorpus-id\trank\tscore\n")
-    for qid, row_ids, row_scores in zip(query_ids, ids, scores):
-      for rank, (doc, s) in enumerate(zip(row_ids, row_scores), 1):
-        f.write(f"{qid}\t{doc}\t{rank}\t{s:.6f}\n")
-
-
-def _cmd_search(args):
-  if args.output:
-    check_output(args.output, name="--output", overwrite=args.overwrite)
-  workers = None if args.workers == "auto" else int(args.workers)
-  index = MatryoshkaIndex.load(args.index, workers=workers)
-  try:
-    queries, query_ids = _load_queries(args)
-    t = time.perf_counter()
-    scores, ids = index.search(queries, args.k, dim=args.dim, schedule=args.schedule,
-                               precision=args.precision)
-    took = time.perf_counter() - t
-  finally:
-    index.stop_workers()
-  if args.output:
-    _write_run(args.output, query_ids, ids, scores)
-    print(f"wrote {len(query_ids)} x {args.k} results to {args.output} ({took:.2f} s)")
-  else:
-    for qid, row in zip(query_ids, ids):
-      print(qid + "\t" + " ".join(row))
-
-
-def _cmd_plan(args):
-  from adaptor.evaluation import write_json
-  if args.out:
-    check_output(args.out, name="--out", overwrite=args.overwrite)
-  index = MatryoshkaIndex.load(args.index)
-  queries, _ = _load_queries(args)
-  plan = plan_schedule(index, queries, k=args.k, target_recall=args.target,
-                       corpus_size=args.corpus_size)
-  stages = ",".join(f"{m}:{c}" for m, c in plan.schedule)
-  print(f"schedule {stages}  recall@{args.k} vs full exact {plan.recall:.4f}  "
-        f"est. {plan.cost:.3g} ms/query on the reference CPU ({plan.speedup:.1f}x cheaper than "
-        f"full-size exact at {plan.corpus_size} docs; {len(plan.candidates)} candidates tried)")
-  if args.out:
-    write_json(plan.to_dict(), args.out)
-    print(f"wrote {args.out}")
-
-
-def add_index_commands(subparsers) -> argparse.ArgumentParser:
-  """Registers `index build|search|plan` on a CLI's subparsers.
-
-  Each leaf parser gets `handler=fn(args)`; handlers raise InputError (a
-  ValueError) or OSError on bad input, which the CLI maps to exit status 2.
-
-  Returns:
-    the `index` parser.
-  """
-  p = subparsers.add_parser("index", help="build, search and plan a Matryoshka search index")
-  sub = p.add_subparsers(dest="index_command", required=True)
-
-  b = sub.add_parser("build", help="adapt and store a corpus as an index")
-  b.add_argument("--corpus", required=True, help="corpus embeddings (.npy, .npz, .parquet, HF)")
-  b.add_argument("--corpus-ids", help="text file with one corpus id per line")
-  b.add_argument("--column", help="embedding column/array name")
-  b.add_argument("--checkpoint", help="adaptor checkpoint applied to documents and queries")
-  b.add_argument("--precision", default="float32", choices=sorted(_PRECISIONS))
-  b.add_argument("--stores", type=_parse_stores,
-                 help="quantised stores to add, e.g. binary:768,int8:256")
-  b.add_argument("--calibration-rows", type=int,
-                 help="int8 calibration sample (evenly spaced rows; default: all)")
-  b.add_argument("--config", help="plan.json from `matryoshka-adaptor plan`: adds its stores "
-                 "and makes its schedule the index's default search")
-  b.add_argument("--out", required=True, help="index directory (written atomically)")
-  b.add_argument("--overwrite", action="store_true", help="replace an existing index")
-  b.set_defaults(handler=_cmd_build)
-
-  def query_args(q):
-    q.add_argument("--index", required=True, help="index directory")
-    q.add_argument("--queries", required=True, help="raw query embeddings")
-    q.add_argument("--query-ids", help="text file with one query id per line")
-    q.add_argument("--column", help="embedding column/array name")
-    q.add_argument("--k", type=int, default=10)
-
-  s = sub.add_parser("search", help="top-k documents per query (exact at a dim, or a funnel)")
-  query_args(s)
-  how = s.add_mutually_exclusive_group()
-  how.add_argument("--dim", type=int, help="prefix length for exact search (default: all)")
-  how.add_argument("--schedule", type=_parse_schedule,
-                   help="funnel of DIM:KEEP[:PRECISION] stages, e.g. 32:1000,768:10 or "
-                   "256:400:binary,256:40:int8,768:10 (default: the index's planned schedule, "
-                   "if it has one, else exact at all dims)")
-  s.add_argument("--precision", choices=list(quant.PRECISIONS),
-                 help="with --dim: exact search over the int8 or binary store")
-  s.add_argument("--output", help="run TSV (query-id, corpus-id, rank, score); default: print")
-  s.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-  s.add_argument("--workers", default="0", type=_parse_workers,
-                 help="search in N worker processes, one per CPU ('auto': every CPU this "
-                 "process may use); pays off for many queries on a large index (default 0: "
-                 "search in this process)")
-  s.set_defaults(handler=_cmd_search)
-
-  pl = sub.add_parser("plan", help="cheapest funnel schedule at a recall target")
-  query_args(pl)
-  pl.add_argument("--target", type=float, default=0.99,
-                  help="recall@k against full-size exact search (default 0.99)")
-  pl.add_argument("--corpus-size", type=int, help="estimate costs for this many documents")
-  pl.add_argument("--out", help="write the plan (and every candidate) as JSON")
-  pl.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-  pl.set_defaults(handler=_cmd_plan)
-  return p

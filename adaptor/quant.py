@@ -76,7 +76,7 @@ QUANTISED = ("int8", "binary")
 _CODE_ROWS = 65536
 # Same grouping as search.blocked_top_k: per-group maxima are one vectorised
 # pass, and only the members of the k best groups reach lax.top_k.
-_GROUP = search_lib._GROUP
+_GROUP = search_lib.GROUP
 # Gathered shortlist rows per chunk of queries are kept under this many bytes:
 # chunks that stay in the L2 cache (and need no fresh pages) were 3-4x faster
 # than 64 MiB ones.
@@ -436,7 +436,7 @@ def _top_k_scan(score_block, score_rows, block_q, row_q, docs, k: int, *, block_
   """
   leaves = [a for a in docs if a is not None]
   n_docs, n_q = leaves[0].shape[0], row_q[0].shape[0]
-  search_lib._check_k(k, n_docs)
+  search_lib.check_k(k, n_docs)
   if not 1 <= block_size <= n_docs:
     raise ValueError(f"block_size must be in [1, {n_docs}] (the corpus size), got {block_size}")
   n_full = n_docs // block_size
@@ -455,13 +455,13 @@ def _top_k_scan(score_block, score_rows, block_q, row_q, docs, k: int, *, block_
       return top, start + idx.astype(jnp.int32)
 
     def step(carry, start):
-      return search_lib._merge_top_k(*carry, *block_top(start), k), None
+      return search_lib.merge_top_k(*carry, *block_top(start), k), None
 
     init = (jnp.full((n_q, k), -jnp.inf, jnp.float32), jnp.full((n_q, k), -1, jnp.int32))
     carry, _ = jax.lax.scan(step, init, jnp.arange(n_full, dtype=jnp.int32) * block_size)
     if tail < n_docs:
       # The last block ends at the last row; its overlap with the one before is masked.
-      carry = search_lib._merge_top_k(*carry, *block_top(jnp.int32(n_docs - block_size), tail), k)
+      carry = search_lib.merge_top_k(*carry, *block_top(jnp.int32(n_docs - block_size), tail), k)
     return carry
 
   # Group maxima over the whole corpus, then the members of the k best groups
@@ -665,7 +665,7 @@ class Int8Store:
       for s in range(0, self.n, _CODE_ROWS):
         x = cal.offsets[:dim] + cal.scales[:dim] * self.codes[s:s + _CODE_ROWS, :dim].astype(np.float32)
         sq = np.einsum("ij,ij->i", x, x)
-        nonzero = sq > search_lib._NORM_EPS**2
+        nonzero = sq > search_lib.NORM_EPS**2
         out[s:s + _CODE_ROWS] = np.where(nonzero, 1.0 / np.sqrt(np.where(nonzero, sq, 1.0)), 0.0)
       self._inv_norms[dim] = out
     return self._inv_norms[dim]
@@ -690,7 +690,7 @@ def _sample_rows(n: int, calibration_rows, key) -> np.ndarray | None:
   """Sorted calibration rows (see `calibrate_int8`); None means all n rows."""
   if calibration_rows is None:
     return None
-  rows = search_lib._check_positive(calibration_rows, "calibration_rows")
+  rows = search_lib.check_positive(calibration_rows, "calibration_rows")
   if rows >= n:
     return None
   if key is None:
@@ -749,7 +749,7 @@ def check_schedule(schedule, full: int, *, n_docs: int | None = None,
     precision = "float32" if len(stage) == 2 else check_precision(
         stage[2], name=f"schedule[{i}] precision")
     dim = check_store_dims(precision, stage[0], full, name=f"schedule[{i}] dim")
-    keep = search_lib._check_positive(stage[1], f"schedule[{i}] keep")
+    keep = search_lib.check_positive(stage[1], f"schedule[{i}] keep")
     stages.append((dim, keep, precision))
   if all(p == "float32" for _, _, p in stages):
     search_lib.check_schedule([(m, c) for m, c, _ in stages], full, n_docs=n_docs, k=k)
@@ -776,6 +776,45 @@ def format_schedule(schedule) -> str:
     p = stage[2] if len(stage) > 2 else "float32"
     parts.append(f"{m}:{c}" if p == "float32" else f"{m}:{c}:{p}")
   return ",".join(parts)
+
+
+def parse_schedule(text: str) -> list[tuple]:
+  """The inverse of `format_schedule`: "256:400:binary,768:10" -> [(256, 400, "binary"), (768, 10)].
+
+  Raises:
+    InputError: `text` is not DIM:KEEP[:PRECISION] stages separated by commas.
+  """
+  stages = []
+  for part in (p.strip() for p in text.split(",")):
+    fields = part.split(":")
+    try:
+      if not part or len(fields) not in (2, 3) or (len(fields) == 3 and fields[2] not in
+                                                   PRECISIONS):
+        raise ValueError
+      stage = (int(fields[0]), int(fields[1])) + tuple(fields[2:])
+    except ValueError:
+      raise InputError(
+          f"expected DIM:KEEP[:PRECISION] stages separated by commas, precision one of "
+          f"{list(PRECISIONS)}, like 256:400:binary,256:40:int8,768:10; got {text!r}") from None
+    stages.append(stage)
+  return stages
+
+
+def parse_stores(text: str) -> list[tuple[str, int]]:
+  """PRECISION:DIMS items separated by commas -> (precision, dims) pairs, e.g. "binary:768,int8:256".
+
+  Raises:
+    InputError: `text` is not in that form, or names a precision not in `QUANTISED`.
+  """
+  out = []
+  for part in (p.strip() for p in text.split(",")):
+    p, _, m = part.partition(":")
+    if p not in QUANTISED or not m.isdigit():
+      raise InputError(
+          f"expected PRECISION:DIMS items separated by commas, precision one of "
+          f"{list(QUANTISED)}, like binary:768,int8:256; got {text!r}")
+    out.append((p, int(m)))
+  return out
 
 
 def _prepare_int8_query(q, offsets, scales, dim, *, quantise: bool):

@@ -29,17 +29,17 @@ import numpy as np
 
 # Norms below this are treated as zero: such a vector is returned as all zeros
 # instead of being blown up to unit length from numerical noise.
-_NORM_EPS = 1e-12
+NORM_EPS = 1e-12
 # Within a block, scores are cut into contiguous groups of this many documents.
 # Only the k groups with the best maxima can hold the block's top k, so
-# lax.top_k runs over block/_GROUP group maxima plus k * _GROUP candidates
+# lax.top_k runs over block/GROUP group maxima plus k * GROUP candidates
 # instead of the whole block: the maxima are one vectorised pass, while
 # lax.top_k on CPU is a per-row partial sort several times slower per element.
-_GROUP = 32
+GROUP = 32
 # Re-ranking gathers [queries, candidates, dim] vectors; query chunks are sized
 # so that one chunk holds at most this many floats (4 MiB): gathered rows that
 # stay in cache are scored 2-3x faster than a 64 MiB chunk (measured on CPU).
-_RERANK_FLOATS = 2**20
+RERANK_FLOATS = 2**20
 
 
 def default_sizes(dim: int, n_docs: int, n_queries: int, *, block_size: int | None = None,
@@ -91,8 +91,8 @@ def default_sizes(dim: int, n_docs: int, n_queries: int, *, block_size: int | No
       # At least one batch per CPU, so that `run_batches` keeps every CPU busy.
       per_cpu = -(-n_queries // cpus)
       query_batch = min(query_batch, -(-per_cpu // 8) * 8)
-  block_size = min(_check_positive(block_size, "block_size"), n_docs)
-  query_batch = min(_check_positive(query_batch, "query_batch"), n_queries)
+  block_size = min(check_positive(block_size, "block_size"), n_docs)
+  query_batch = min(check_positive(query_batch, "query_batch"), n_queries)
   return block_size, query_batch
 
 
@@ -112,13 +112,13 @@ def check_dim(dim, full: int, *, name: str = "dim") -> int:
   return int(dim)
 
 
-def _check_k(k, n: int, *, name: str = "k", what: str = "the corpus size") -> int:
+def check_k(k, n: int, *, name: str = "k", what: str = "the corpus size") -> int:
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
     raise ValueError(f"{name} must be an int in [1, {n}] ({what}), got {k!r}")
   return int(k)
 
 
-def _check_positive(value, name: str) -> int:
+def check_positive(value, name: str) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
     raise ValueError(f"{name} must be a positive int, got {value!r}")
   return int(value)
@@ -131,7 +131,7 @@ def l2_normalize(x: jax.Array) -> jax.Array:
     x: vectors, with shape [..., d].
   """
   sq = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
-  nonzero = sq > _NORM_EPS**2
+  nonzero = sq > NORM_EPS**2
   # The double `where` keeps the gradient finite at zero vectors.
   inv = jnp.where(nonzero, jax.lax.rsqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
   return (x * inv).astype(x.dtype)
@@ -172,13 +172,13 @@ def prefix_inv_norms(corpus, dim: int, *, block_size: int = 65536) -> np.ndarray
   if getattr(corpus, "ndim", None) != 2:
     raise ValueError(f"corpus must be 2-D [n, d], got shape {getattr(corpus, 'shape', None)}")
   dim = check_dim(dim, corpus.shape[1])
-  block_size = _check_positive(block_size, "block_size")
+  block_size = check_positive(block_size, "block_size")
   host = np.asarray(corpus)  # A view, not a copy, for numpy and CPU jax arrays.
   out = np.empty(host.shape[0], np.float32)
   for start in range(0, host.shape[0], block_size):
     x = host[start:start + block_size, :dim].astype(np.float32)
     sq = np.einsum("ij,ij->i", x, x)
-    nonzero = sq > _NORM_EPS**2
+    nonzero = sq > NORM_EPS**2
     out[start:start + block_size] = np.where(nonzero, 1.0 / np.sqrt(np.where(nonzero, sq, 1.0)), 0.0)
   return out
 
@@ -239,7 +239,7 @@ def aligned_empty(shape, dtype) -> np.ndarray:
 # ---------------------------------------------------------------- exact top-k
 
 
-def _merge_top_k(scores, indices, block_scores, block_indices, k):
+def merge_top_k(scores, indices, block_scores, block_indices, k):
   # Earlier (lower-index) candidates come first, and lax.top_k keeps the
   # earlier of equal values, so ties always go to the lower corpus index.
   all_scores = jnp.concatenate([scores, block_scores], axis=1)
@@ -249,8 +249,8 @@ def _merge_top_k(scores, indices, block_scores, block_indices, k):
 
 
 def _group_size(size: int, k: int) -> int:
-  """Largest power of two <= _GROUP dividing `size` with k groups at most a quarter of it."""
-  group = _GROUP
+  """Largest power of two <= GROUP dividing `size` with k groups at most a quarter of it."""
+  group = GROUP
   while group > 1 and (size % group or 4 * k * group > size):
     group //= 2
   return group
@@ -305,12 +305,12 @@ def blocked_top_k(queries, corpus, k: int, *, block_size: int, scale=None):
   """
   n_docs = corpus.shape[0]
   n_q = queries.shape[0]
-  _check_k(k, n_docs)
+  check_k(k, n_docs)
   if not 1 <= block_size <= n_docs:
     raise ValueError(f"block_size must be in [1, {n_docs}] (the corpus size), got {block_size}")
   # Measured on CPU: whole-corpus group maxima win for short prefixes (cheap
   # slab gathers) and whenever k is too large for 32-wide groups in one block.
-  if block_size % _GROUP == 0 and (queries.shape[1] <= 32 or _group_size(block_size, k) < _GROUP):
+  if block_size % GROUP == 0 and (queries.shape[1] <= 32 or _group_size(block_size, k) < GROUP):
     return _group_maxima_top_k(queries, corpus, k, block_size=block_size, scale=scale)
   n_full = n_docs // block_size
   take = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, block_size)
@@ -318,7 +318,7 @@ def blocked_top_k(queries, corpus, k: int, *, block_size: int, scale=None):
   def step(carry, start):
     sc = None if scale is None else take(scale, start)
     block = _block_top_k(queries, take(corpus, start), sc, start, k=k, masked_below=None)
-    return _merge_top_k(*carry, *block, k), None
+    return merge_top_k(*carry, *block, k), None
 
   init = (jnp.full((n_q, k), -jnp.inf, jnp.float32), jnp.full((n_q, k), -1, jnp.int32))
   starts = jnp.arange(n_full, dtype=jnp.int32) * block_size
@@ -330,20 +330,20 @@ def blocked_top_k(queries, corpus, k: int, *, block_size: int, scale=None):
     sc = None if scale is None else scale[start:]
     block = _block_top_k(queries, corpus[start:], sc, jnp.int32(start), k=k,
                          masked_below=n_full * block_size)
-    carry = _merge_top_k(*carry, *block, k)
+    carry = merge_top_k(*carry, *block, k)
   return carry
 
 
 def _group_maxima_top_k(queries, corpus, k, *, block_size, scale):
   """Exact top-k for large k: best groups over the whole corpus, then their members.
 
-  One blocked pass keeps only the maximum of each run of _GROUP consecutive
+  One blocked pass keeps only the maximum of each run of GROUP consecutive
   documents; the k groups with the best maxima hold the top k (the argument
-  of `_block_top_k`, over the whole corpus), so their k * _GROUP members are
+  of `_block_top_k`, over the whole corpus), so their k * GROUP members are
   gathered and re-scored. This avoids a k-wide selection in every block,
   which dominates the time when k is in the hundreds or thousands.
   """
-  n_docs, n_q, group = corpus.shape[0], queries.shape[0], _GROUP
+  n_docs, n_q, group = corpus.shape[0], queries.shape[0], GROUP
   dim = queries.shape[1]
   n_full = n_docs // block_size
 
@@ -400,7 +400,7 @@ def _group_maxima_top_k(queries, corpus, k, *, block_size, scale):
       s = s * jax.vmap(lambda st: jax.lax.dynamic_slice(scale, (st,), (group,)))(starts)
     return top_members(s, starts, gq, t, k, group)
 
-  chunk = max(1, min(n_q, _RERANK_FLOATS // max(1, g.shape[1] * group * dim)))
+  chunk = max(1, min(n_q, RERANK_FLOATS // max(1, g.shape[1] * group * dim)))
   return jax.lax.map(one_query, (queries, g, bound), batch_size=chunk)
 
 
@@ -604,7 +604,7 @@ def search(
   _check_pair(queries, corpus)
   n_docs, full = corpus.shape
   dim = full if dim is None else check_dim(dim, full)
-  k = _check_k(k, n_docs)
+  k = check_k(k, n_docs)
   block_size, query_batch = default_sizes(dim, n_docs, queries.shape[0], block_size=block_size,
                                           query_batch=query_batch)
   scale = None
@@ -652,7 +652,7 @@ def check_schedule(schedule, full: int, *, n_docs: int | None = None,
     if isinstance(stage, (str, bytes)) or not isinstance(stage, Sequence) or len(stage) != 2:
       raise ValueError(f"schedule[{i}] must be a (dim, keep) pair, got {stage!r}")
     dim = check_dim(stage[0], full, name=f"schedule[{i}] dim")
-    keep = _check_positive(stage[1], f"schedule[{i}] keep")
+    keep = check_positive(stage[1], f"schedule[{i}] keep")
     stages.append((dim, keep))
   dims = [m for m, _ in stages]
   keeps = [c for _, c in stages]
@@ -707,7 +707,7 @@ def rerank(queries, corpus, candidates, keep: int, *, scale=None, presorted: boo
     top, pos = jax.lax.top_k(s, keep)
     return top, cand[pos]
 
-  chunk = max(1, min(n_q, _RERANK_FLOATS // max(1, n_cand * dim)))
+  chunk = max(1, min(n_q, RERANK_FLOATS // max(1, n_cand * dim)))
   return jax.lax.map(one_query, (queries, candidates), batch_size=chunk)
 
 
@@ -766,7 +766,7 @@ def funnel_search(
   _check_pair(queries, corpus)
   n_docs, full = corpus.shape
   schedule = check_schedule(schedule, full, n_docs=n_docs, k=k)
-  k = schedule[-1][1] if k is None else _check_k(k, n_docs)
+  k = schedule[-1][1] if k is None else check_k(k, n_docs)
   block_size, query_batch = default_sizes(schedule[0][0], n_docs, queries.shape[0],
                                           block_size=block_size, query_batch=query_batch,
                                           contiguous=first_stage is not None,

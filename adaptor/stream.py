@@ -61,10 +61,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-import adaptor
+from adaptor._version import __version__
 from adaptor import interrupts
-from adaptor.data import (InputError, _load_npy, _vectors_from_arrow, atomic_file, check_embeddings,
-                          fingerprint, member_path)
+from adaptor.data import (InputError, atomic_file, check_embeddings, fingerprint, fsync_dir,
+                          load_npy, member_path, vectors_from_arrow)
 from adaptor.model import apply_adaptor, warn_untrained_dim
 from adaptor.search import check_dim
 
@@ -197,7 +197,7 @@ class _ParquetSource(_Source):
           table = pa.Table.from_batches([batch.slice(lo - pos, hi - lo)])
           where = f"{self.path}[{lo}:{hi}]"
           ids = _arrow_ids(table, self.id_column, where) if self.id_column else None
-          yield lo, _vectors_from_arrow(table, self.column, where), ids
+          yield lo, vectors_from_arrow(table, self.column, where), ids
         pos += batch.num_rows
         if pos >= stop:
           break
@@ -223,7 +223,7 @@ class _DatasetSource(_Source):
       table = self.dataset[a:b]  # arrow format: a pyarrow Table of these rows only
       where = f"{self.path}[{a}:{b}]"
       ids = _arrow_ids(table, self.id_column, where) if self.id_column else None
-      yield a, _vectors_from_arrow(table, self.column, where), ids
+      yield a, vectors_from_arrow(table, self.column, where), ids
 
 
 def _id_type(t, id_column: str, where: str):
@@ -258,11 +258,11 @@ def _embedding_width(t, column: str, where: str, first_row) -> int:
     raise InputError(f"column {column!r} of {where} must hold float or integer values, got {t}")
   if pa.types.is_fixed_size_list(t):
     return t.list_size
-  return _vectors_from_arrow(first_row(), column, f"{where}[0:1]").shape[1]
+  return vectors_from_arrow(first_row(), column, f"{where}[0:1]").shape[1]
 
 
 def _open_npy(path: str, want_ids: bool) -> _NpySource:
-  x = _load_npy(Path(path), mmap=True)  # Refuses corrupt, truncated and pickled files.
+  x = load_npy(Path(path), mmap=True)  # Refuses corrupt, truncated and pickled files.
   shape, dtype, offset = x.shape, x.dtype, getattr(x, "offset", 0)
   fortran = x.ndim == 2 and not x.flags.c_contiguous
   del x  # Only the header was needed; unmap.
@@ -335,7 +335,7 @@ def _open_dataset(path: str, column: str, id_column: str | None) -> _DatasetSour
                         id_column=id_column, dataset=ds)
 
 
-def _is_dataset_dir(path) -> bool:
+def is_dataset_dir(path) -> bool:
   """Whether `path` looks like the output of `Dataset(Dict).save_to_disk`."""
   return any(os.path.isfile(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
 
@@ -355,7 +355,7 @@ def _expand_inputs(inputs) -> tuple[str, list[str]]:
         raise InputError(f"input glob {s!r} must match .npy or .parquet files, matched "
                          f"{len(matches)} files {matches[:_SHOW]}")
     elif os.path.isdir(s):
-      if _is_dataset_dir(s):
+      if is_dataset_dir(s):
         found.append(("dataset", s))
         continue
       files = sorted(os.path.join(s, n) for n in os.listdir(s)
@@ -522,15 +522,6 @@ def _write_shard(out: Path, names, start: int, rows: int, batches, *, module, di
   return entry
 
 
-def _fsync_dir(path: Path) -> None:
-  # The renames of a shard must be durable before the manifest lists it.
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
 def _write_manifest(out: Path, manifest: dict) -> None:
   # No directory fsync: losing this rename to a power cut only means redoing a shard.
   with atomic_file(out / MANIFEST, "w") as f:
@@ -597,7 +588,7 @@ def _prepare_output(out: Path, config: dict, *, overwrite: bool, sources) -> dic
       diff = _config_diff(manifest.get("config") or {}, config)
       raise InputError(
           f"output_dir {out} holds the output of another run (its manifest differs in: "
-          f"{', '.join(diff)}); pass overwrite=True (--overwrite) to replace it, or choose "
+          f"{', '.join(diff)}); pass overwrite=True to replace it, or choose "
           "another output_dir")
     for entry in manifest.get("shards", []):
       if _shard_ok(out, entry):
@@ -608,7 +599,7 @@ def _prepare_output(out: Path, config: dict, *, overwrite: bool, sources) -> dic
   elif manifest is None and not overwrite and any(_OURS.fullmatch(n) for n in names):
     # Our own runs write the manifest before any shard, so these are not ours to delete.
     raise InputError(f"output_dir {out} holds shard files but no {MANIFEST}; pass "
-                     "overwrite=True (--overwrite) to replace them, or choose another output_dir")
+                     "overwrite=True to replace them, or choose another output_dir")
   if overwrite and manifest is not None:
     # The manifest first: a kill before the shards are gone must not leave it vouching for them.
     os.remove(out / MANIFEST)
@@ -725,7 +716,7 @@ def apply_files(
       "id_column": id_name if (id_type is not None and output_format == "parquet") else None,
       "ids": id_type is not None,
       # Other versions may round differently: never mix their shards.
-      "library_version": adaptor.__version__,
+      "library_version": __version__,
       "jax_version": jax.__version__,
   }
   config = json.loads(json.dumps(config))  # As it reads back from disk.
@@ -767,7 +758,7 @@ def apply_files(
               module=module, dim=dim, dtype=dtype, output_format=output_format,
               id_name=id_name, id_type=id_type, embedding_name=embedding_name,
               progress=progress)
-          _fsync_dir(out)
+          fsync_dir(out)  # The renames of a shard must be durable before the manifest lists it.
           done[i] = {"index": i, **entry, "start": a, "stop": b, "rows": b - a}
           record()
     except BaseException as e:
@@ -834,7 +825,7 @@ def read_shards(output_dir, *, mmap: bool = True) -> tuple[np.ndarray, list[str]
     raise InputError(f"output_dir {out} is incomplete ({len(manifest.get('shards', []))} of "
                      f"{manifest.get('n_shards')} shards): apply stopped at bad input "
                      f"({manifest['stopped']}); fix the input, then rerun apply with "
-                     "--overwrite (overwrite=True)")
+                     "overwrite=True")
   if not manifest.get("complete"):
     raise InputError(f"output_dir {out} is incomplete ({len(manifest.get('shards', []))} of "
                      f"{manifest.get('n_shards')} shards); rerun apply to finish it")
@@ -847,7 +838,7 @@ def read_shards(output_dir, *, mmap: bool = True) -> tuple[np.ndarray, list[str]
       raise InputError(f"shard {path} is missing or has the wrong size ({entry['bytes']} bytes "
                        "expected)")
     if config["format"] == "npy":
-      x = _load_npy(path, mmap)
+      x = load_npy(path, mmap)
       if ids is not None:
         from adaptor.data import load_ids
         ids.extend(load_ids(_member(out, entry["ids_file"])))

@@ -117,8 +117,8 @@ def _run_worker(cfg: Config, role: str, extra: dict, threads: str, platform: str
 
 def _parse_schedule(text: str) -> list[tuple]:
   """'256:1000:binary,768:10' -> [(256, 1000, 'binary'), (768, 10)] (the CLI's parser)."""
-  from adaptor.index import _parse_schedule as parse
-  return parse(text)
+  from adaptor.quant import parse_schedule
+  return parse_schedule(text)
 
 
 def _schedule_text(schedule) -> str:

@@ -65,8 +65,8 @@ def smoke_config() -> Config:
 
 
 def _parse(text: str) -> list[tuple[int, int]]:
-  from adaptor.index import _parse_schedule  # the CLI's DIM:KEEP,... parser
-  return _parse_schedule(text)
+  from adaptor.quant import parse_schedule  # the CLI's DIM:KEEP,... parser
+  return parse_schedule(text)
 
 
 def measure(cfg: Config) -> dict:

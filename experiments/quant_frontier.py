@@ -288,13 +288,14 @@ def frontier_table(cfg: Config, res: dict, model_name: str, setting: str) -> str
 def speed(cfg: Config) -> dict:
   """Exact top-k ms/query over a synthetic corpus: float32 vs int8 vs binary at each dim."""
   import importlib
-  from adaptor.index import MatryoshkaIndex, _aligned_empty
+  from adaptor.index import MatryoshkaIndex
+  from adaptor.search import aligned_empty
   search_lib = importlib.import_module("adaptor.search")
   rng = np.random.default_rng(cfg.seed)
   # Coordinate variance decays along the vector, as in experiments/bench_search.py.
   scale = np.linspace(1.0, 0.2, cfg.d).astype(np.float32)
   t = time.perf_counter()
-  vectors = _aligned_empty((cfg.n_docs, cfg.d), np.float32)
+  vectors = aligned_empty((cfg.n_docs, cfg.d), np.float32)
   for s in range(0, cfg.n_docs, 65536):
     x = rng.standard_normal((min(65536, cfg.n_docs - s), cfg.d), dtype=np.float32) * scale
     vectors[s:s + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)

@@ -219,13 +219,13 @@ def test_crash_during_params_write_keeps_old_checkpoint(saved, monkeypatch):
 def test_hard_crash_leaves_only_a_temp_dir_that_load_refuses(saved, monkeypatch):
   path, model = saved
   # A killed process runs no cleanup: the temp dir stays, without a marker.
-  monkeypatch.setattr(checkpoint, "_remove_tree", lambda p: None)
+  monkeypatch.setattr(checkpoint, "remove_tree", lambda p: None)
 
   def killed(_):
     raise OSError("killed")
 
   # Dies after params and config are written, before the COMPLETE marker.
-  monkeypatch.setattr(checkpoint, "_fsync_tree", killed)
+  monkeypatch.setattr(checkpoint, "fsync_tree", killed)
   with pytest.raises(OSError, match="killed"):
     checkpoint.save(path, nnx.state(_model(5)), {"name": "new"})
   monkeypatch.undo()

@@ -238,7 +238,7 @@ def test_cli_export_writes_both_formats_and_refuses_to_replace(tmp_path, capsys)
   assert p.dim == 1 and json.loads(p.meta["dims"]) == [] and p.meta["hidden"] == "3"
   assert cli.main(["export", "--checkpoint", str(tmp_path / "ck"), "--format", "safetensors",
                    "--out", str(out)]) == 2
-  assert "exists; pass overwrite=True (--overwrite)" in capsys.readouterr().err
+  assert "exists; pass --overwrite to replace it" in capsys.readouterr().err
   assert cli.main(["export", "--checkpoint", str(tmp_path / "ck"), "--format", "safetensors",
                    "--out", str(out), "--overwrite"]) == 0
   assert portable.PortableAdaptor.load(out).dim == 2

@@ -123,7 +123,7 @@ def test_crash_mid_save_leaves_old_index(tmp_path, monkeypatch):
 
   def boom(*a, **kw):
     raise KeyboardInterrupt("crash")
-  monkeypatch.setattr(index_lib.checkpoint, "_fsync_tree", boom)
+  monkeypatch.setattr(index_lib.checkpoint, "fsync_tree", boom)
   with pytest.raises(KeyboardInterrupt):
     bigger.save(tmp_path / "ix", overwrite=True)
   assert sorted(os.listdir(tmp_path)) == ["ix"]           # No temporary left behind.

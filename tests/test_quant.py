@@ -9,7 +9,9 @@ import pytest
 
 import adaptor
 from adaptor import quant
-from adaptor.index import MatryoshkaIndex, _parse_schedule, _parse_stores
+from adaptor.index import MatryoshkaIndex
+from adaptor.data import InputError
+from adaptor.quant import parse_schedule, parse_stores
 from adaptor.search import truncate
 
 
@@ -410,15 +412,14 @@ def test_bad_inputs(corpus):
 
 
 def test_cli_parsers():
-  assert _parse_schedule("256:400:binary,256:40:int8,768:10") == [
+  assert parse_schedule("256:400:binary,256:40:int8,768:10") == [
       (256, 400, "binary"), (256, 40, "int8"), (768, 10)]
-  assert _parse_stores("binary:768,int8:256") == [("binary", 768), ("int8", 256)]
-  import argparse
+  assert parse_stores("binary:768,int8:256") == [("binary", 768), ("int8", 256)]
   for bad in ("256:400:int4", "256", "a:b", "1:2:3:4", ""):
-    with pytest.raises(argparse.ArgumentTypeError, match="DIM:KEEP"):
-      _parse_schedule(bad)
-  with pytest.raises(argparse.ArgumentTypeError, match="PRECISION:DIMS"):
-    _parse_stores("float32:8")
+    with pytest.raises(InputError, match="DIM:KEEP"):
+      parse_schedule(bad)
+  with pytest.raises(InputError, match="PRECISION:DIMS"):
+    parse_stores("float32:8")
 
 
 def test_bounded_group_selection_in_quantised_scans():

@@ -26,6 +26,7 @@ from flax import nnx
 import adaptor
 from adaptor import checkpoint, doctor
 from adaptor.cli import build_parser, main
+from adaptor.cli.check import add_check_command
 from adaptor.data import InputError, check_qrels, load_qrels
 from adaptor.model import MatryoshkaAdaptor
 
@@ -541,7 +542,7 @@ def test_disk_full_during_adaptor_save_keeps_earlier_checkpoint(where, ckpt, tmp
 
 def _check_parser():
   parser = argparse.ArgumentParser(prog="matryoshka-adaptor")
-  doctor.add_check_command(parser.add_subparsers(dest="command", required=True))
+  add_check_command(parser.add_subparsers(dest="command", required=True))
   return parser
 
 

@@ -329,7 +329,7 @@ def test_cli_streams_into_a_directory_and_refuses_another_run(tmp_path, capsys):
   assert got_ids == ids
   assert main(argv(4)) == 0  # complete: nothing to do
   assert main(argv(3)) == 2
-  assert "differs in: dim); pass overwrite=True (--overwrite)" in capsys.readouterr().err
+  assert "differs in: dim); pass --overwrite to replace it" in capsys.readouterr().err
   assert main(argv(3, "--format", "parquet", "--overwrite")) == 0
   assert sorted(os.listdir(out)) == ["manifest.json", "part-00000.parquet", "part-00001.parquet",
                                      "part-00002.parquet"]

@@ -1,80 +1,27 @@
-"""Command line: `matryoshka-adaptor fit | apply | eval | export | index | qdrant | plan | check`.
-
-Bad input (a file, an array, a checkpoint) exits with status 2 and one line
-that names the thing, what was expected and what was found.
-"""
+"""`matryoshka-adaptor fit | apply | eval | export`: fit an adaptor, use it, compare it, ship it."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
-import sys
 
 import numpy as np
 
-EXAMPLES = """\
-examples (on the SciFact data shipped in data/):
-  # fit an unsupervised adaptor on corpus embeddings (+ unlabeled train queries)
-  matryoshka-adaptor fit --beir data/scifact --model all-MiniLM-L6-v2 --out checkpoints/scifact-minilm
-
-  # fit a supervised adaptor on the train qrels
-  matryoshka-adaptor fit --beir data/scifact --model all-MiniLM-L6-v2 --supervised \\
-      --out checkpoints/scifact-minilm-sup
-
-  # compare raw truncation, PCA and the adaptor on the test queries (table + JSON + PNG)
-  matryoshka-adaptor eval --beir data/scifact --model all-MiniLM-L6-v2 \\
-      --checkpoint checkpoints/scifact-minilm --out results/scifact-minilm
-
-  # adapt any embeddings file to 64 dims (float16)
-  matryoshka-adaptor apply --checkpoint checkpoints/scifact-minilm \\
-      --input data/scifact/embeddings/all-MiniLM-L6-v2/corpus.npy --dim 64 --dtype float16 \\
-      --output corpus-64.npy
-
-  # stream a directory of .npy shards (ids in <stem>.ids.txt) far larger than memory into
-  # float16 Parquet shards + manifest.json; rerun the same command to resume after a crash
-  matryoshka-adaptor apply --checkpoint checkpoints/scifact-minilm \\
-      --input 'embeddings/*.npy' --dim 64 --dtype float16 --format parquet --output corpus-64/
-"""
+from adaptor.cli.common import EXAMPLES, add_input_args, dims, load_inputs
+from adaptor.stream import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_ROWS
 
 
-def _dims(text: str) -> tuple[int, ...]:
-  try:
-    dims = tuple(int(x) for x in text.split(",") if x.strip())
-  except ValueError:
-    dims = ()
-  if not dims:
-    raise argparse.ArgumentTypeError(f"expected comma-separated ints like 16,32,64, got {text!r}")
-  return dims
-
-
-def _add_input_args(p, *, with_beir: bool):
-  if with_beir:
-    p.add_argument("--beir", help="BEIR-layout folder with embeddings/<model>/ and qrels/")
-    p.add_argument("--model", help="embedding model folder under <beir>/embeddings/")
-  p.add_argument("--corpus", help="corpus embeddings: .npy, .npz, .parquet or a saved HF dataset")
-  p.add_argument("--column", help="embedding column/array name (npz, parquet, HF datasets)")
-  p.add_argument("--corpus-ids", help="text file with one corpus id per line")
-  p.add_argument("--queries", help="query embeddings (same formats as --corpus)")
-  p.add_argument("--query-ids", help="text file with one query id per line")
-  p.add_argument("--qrels", help="BEIR qrels TSV (query-id, corpus-id, score)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="matryoshka-adaptor",
-      description="Make the embeddings of a frozen model truncatable (Matryoshka-Adaptor).",
-      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest="command", required=True)
-
+def add_core_commands(sub) -> None:
+  """Registers `fit`, `apply`, `eval` and `export` on the CLI's subparsers (`handler=fn(args)`)."""
   fit = sub.add_parser("fit", help="fit an adaptor on cached embeddings", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-  _add_input_args(fit, with_beir=True)
+  add_input_args(fit, with_beir=True)
   fit.add_argument("--split", default="train", help="qrels split used for training (BEIR input)")
   fit.add_argument("--supervised", action="store_true", help="train on qrels (two stages)")
   fit.add_argument("--no-queries", action="store_true",
                    help="do not use unlabeled query embeddings as anchors")
-  fit.add_argument("--dims", type=_dims, help="Matryoshka dims, e.g. 16,32,64,128,384")
+  fit.add_argument("--dims", type=dims, help="Matryoshka dims, e.g. 16,32,64,128,384")
   fit.add_argument("--d-out", type=int, help="adapted size (default: input size)")
   fit.add_argument("--hidden", type=int, help="residual MLP width (0: none)")
   fit.add_argument("--steps", type=int, help="max unsupervised steps")
@@ -96,7 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
   fit.add_argument("--num-processes", type=int, help="number of processes (with --distributed)")
   fit.add_argument("--process-id", type=int, help="this process's id (with --distributed)")
 
-  from adaptor.stream import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_ROWS
   app = sub.add_parser(
       "apply", help="adapt embeddings: one .npy file, or streamed into resumable shards",
       description=(
@@ -133,11 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
 
   ev = sub.add_parser("eval", help="compare raw truncation, PCA and adaptors per dim",
                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-  _add_input_args(ev, with_beir=True)
+  add_input_args(ev, with_beir=True)
   ev.add_argument("--split", default="test", help="qrels split to evaluate on (BEIR input)")
   ev.add_argument("--checkpoint", action="append", default=[],
                   help="adaptor checkpoint (repeatable; NAME=PATH to label it)")
-  ev.add_argument("--dims", type=_dims, help="dims to evaluate (default: 16,32,... and full)")
+  ev.add_argument("--dims", type=dims, help="dims to evaluate (default: 16,32,... and full)")
   ev.add_argument("--out", help="folder for results.json and the PNG plot")
   ev.add_argument("--overwrite", action="store_true",
                   help="replace results.json and ndcg10.png in --out (refused otherwise)")
@@ -161,43 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
   ex.add_argument("--dim", type=int, help="output width (default: d_out; smaller files are "
                   "faster and still exact for every prefix up to it)")
   ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-
-  from adaptor.doctor import add_check_command
-  from adaptor.index import add_index_commands
-  add_index_commands(sub)
-  from adaptor.qdrant import add_qdrant_commands
-  add_qdrant_commands(sub)
-  from adaptor.budget import add_plan_command
-  add_plan_command(sub)
-  add_check_command(sub)
-  return parser
-
-
-def _load_inputs(args, split):
-  """Corpus, queries and qrels from --beir/--model or from individual files."""
-  from adaptor.data import InputError, check_qrels, load_beir, load_embeddings, load_qrels
-
-  if getattr(args, "beir", None):
-    if not args.model:
-      raise InputError("--beir needs --model (a folder under <beir>/embeddings/)")
-    data = load_beir(args.beir, args.model)
-    queries, query_ids, qrels = data.split_queries(split)
-    return data.corpus.vectors, data.corpus.ids, queries, query_ids, qrels
-  if not args.corpus:
-    raise InputError("give --beir ROOT --model NAME, or --corpus FILE")
-  corpus = load_embeddings(args.corpus, column=args.column, ids=args.corpus_ids, name="--corpus")
-  queries = query_ids = qrels = None
-  if args.queries:
-    q = load_embeddings(args.queries, column=args.column, ids=args.query_ids, name="--queries")
-    queries, query_ids = q.vectors, q.ids
-  if args.qrels:
-    qrels = load_qrels(args.qrels)
-    if corpus.ids is None or query_ids is None:
-      raise InputError("--qrels needs --queries with --query-ids and --corpus-ids")
-    check_qrels(qrels, query_ids=query_ids, doc_ids=corpus.ids, name=args.qrels)
-    judged = [i for i, q in enumerate(query_ids) if q in qrels]
-    queries, query_ids = np.asarray(queries[judged]), [query_ids[i] for i in judged]
-  return corpus.vectors, corpus.ids, queries, query_ids, qrels
+  fit.set_defaults(handler=_cmd_fit)
+  app.set_defaults(handler=_cmd_apply)
+  ev.set_defaults(handler=_cmd_eval)
+  ex.set_defaults(handler=_cmd_export)
 
 
 def _cmd_fit(args):
@@ -214,7 +127,7 @@ def _cmd_fit(args):
   if args.qrels and not args.supervised:
     raise adaptor.InputError(f"--qrels {args.qrels} is used only by a supervised fit; add "
                              "--supervised, or drop --qrels")
-  corpus, corpus_ids, queries, query_ids, qrels = _load_inputs(args, args.split)
+  corpus, corpus_ids, queries, query_ids, qrels = load_inputs(args, args.split)
   overrides = {k: v for k, v in {
       "d_out": args.d_out, "hidden": args.hidden, "steps": args.steps,
       "supervised_steps": args.supervised_steps, "eval_every": args.eval_every}.items()
@@ -271,7 +184,7 @@ def _cmd_apply(args):
 
   # One .npy output: the input is adapted in memory.
   several = (len(inputs) > 1 or glob.has_magic(inputs[0])
-             or (os.path.isdir(inputs[0]) and not stream._is_dataset_dir(inputs[0])))
+             or (os.path.isdir(inputs[0]) and not stream.is_dataset_dir(inputs[0])))
   if several:
     raise InputError(f"--input {' '.join(inputs)} names several files; stream them into a "
                      f"directory (--output DIR), not into one file --output {out}")
@@ -316,7 +229,7 @@ def _cmd_eval(args):
   if args.out:  # Before the table is computed, not after.
     check_output(args.out, name="--out", overwrite=args.overwrite,
                  members=("results.json", "ndcg10.png"))
-  corpus, corpus_ids, queries, query_ids, qrels = _load_inputs(args, args.split)
+  corpus, corpus_ids, queries, query_ids, qrels = load_inputs(args, args.split)
   if qrels is None:
     raise adaptor.InputError("eval needs qrels (--beir, or --qrels with ids)")
   d = corpus.shape[1]
@@ -340,28 +253,3 @@ def _cmd_eval(args):
     evaluation.plot(results, os.path.join(args.out, "ndcg10.png"), metric="ndcg@10",
                     title=f"nDCG@10 vs dims ({len(query_ids)} queries)")
     print(f"\nwrote {args.out}/results.json and {args.out}/ndcg10.png")
-
-
-def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
-  from adaptor import interrupts
-
-  try:
-    handlers = {"fit": _cmd_fit, "apply": _cmd_apply, "eval": _cmd_eval, "export": _cmd_export}
-    with interrupts.handled():  # SIGINT/SIGTERM: one line and 130/143, no traceback.
-      rc = handlers.get(args.command, getattr(args, "handler", None))(args)
-  except interrupts.Interrupted as e:
-    print(f"\nmatryoshka-adaptor {args.command}: interrupted by {e.signame}: {e.kept}",
-          file=sys.stderr)
-    return e.exit_code
-  except KeyboardInterrupt:  # Outside the main thread, where no handler can be installed.
-    print(f"\nmatryoshka-adaptor {args.command}: interrupted", file=sys.stderr)
-    return 130
-  except (ValueError, OSError) as e:  # InputError and CheckpointError are ValueErrors.
-    print(f"matryoshka-adaptor {args.command}: error: {e}", file=sys.stderr)
-    return 2
-  return rc or 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
