@@ -71,7 +71,7 @@ except ImportError as e:
 import numpy as np
 
 from adaptor._version import __version__
-from adaptor.api import Adaptor
+from adaptor.api import Adaptor, load
 from adaptor.checkpoint import CheckpointError
 from adaptor.data import (
   InputError,
@@ -172,7 +172,7 @@ def _local_checkpoint(checkpoint: str):
 
 def _load(checkpoint: str) -> Adaptor:
   with _local_checkpoint(checkpoint) as local:
-    return adaptor.load(local)
+    return load(local)
 
 
 def _check_dtype(dtype) -> str:

@@ -20,6 +20,7 @@ from flax import nnx
 
 import adaptor
 from adaptor import beam as ab
+from adaptor.cli import beam as beam_cli
 from adaptor.model import MatryoshkaAdaptor, init_reorder_from_pca
 
 CORPUS = Path(__file__).parent.parent / "data/scifact/embeddings/all-MiniLM-L6-v2/corpus.npy"
@@ -143,7 +144,7 @@ def test_remote_style_paths_through_main(setup, tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(_FakeRemoteFS, "root", str(tmp_path))
   (tmp_path / "ck").symlink_to(root / "ck")  # Reached as fakefs://ck, so copied to load.
   _npy_shards(tmp_path / "in", x, [0, 300, 600])
-  assert ab.main(["--checkpoint", "fakefs://ck", "--inputs", "fakefs://in/*.npy",
+  assert beam_cli.main(["--checkpoint", "fakefs://ck", "--inputs", "fakefs://in/*.npy",
                   "--output", "fakefs://out", "--dim", "48", "--dtype", "float16",
                   "--batch-size", str(BATCH), "--rows-per-split", str(SPLIT), *DIRECT]) == 0
   assert json.loads(capsys.readouterr().out)["rows"] == 600
@@ -176,7 +177,7 @@ def test_bad_inputs_fail_before_the_pipeline_runs(setup, tmp_path, capsys):
   with pytest.raises(adaptor.InputError, match="have the same file name"):
     ab.run_pipeline(inputs=[str(tmp_path / "in" / "ok.npy"), str(tmp_path / "in2" / "*.npy")],
                     **run)
-  assert ab.main(["--checkpoint", str(root / "ck"), "--inputs", str(tmp_path / "in" / "*.npy"),
+  assert beam_cli.main(["--checkpoint", str(root / "ck"), "--inputs", str(tmp_path / "in" / "*.npy"),
                   "--output", str(tmp_path / "out"), *DIRECT]) == 2
   assert "wide.npy must have d=384" in capsys.readouterr().err
   assert not (tmp_path / "out").exists()
@@ -319,7 +320,7 @@ def test_check_reads_a_beam_output_and_names_a_damaged_file(setup, tmp_path):
   ab.run_pipeline(checkpoint=root / "ck", inputs=str(tmp_path / "in" / "*.npy"), output=out,
                   dim=32, dtype="float16", pipeline_args=DIRECT, batch_size=BATCH,
                   rows_per_split=SPLIT)
-  summary, problems = doctor._inspect(out)
+  summary, problems = doctor.describe(out)
   assert problems == [] and "Beam apply output (2 files, 500 rows, dim 32, float16)" in summary
   np.save(out / "part-1.npy", np.zeros((299, 32), np.float16))    # one row short
   (out / "part-0.npy").unlink()
