@@ -117,3 +117,14 @@ def test_margins_are_taken_against_the_best_baseline_per_dim():
   assert m["worst"] == pytest.approx(-0.01)
   assert m["mean"] == pytest.approx(0.02)
   assert m["full_minus_raw"] == pytest.approx(-0.01)
+
+
+def test_bias_drift_weight_holds_the_bias_at_its_start():
+  cfg = dataclasses.replace(SMALL, steps=30, learning_rate=1e-2, start="pca-docs")
+  drift = {}
+  for w in (0.0, 100.0):
+    weights = adaptor.LossWeights(orthogonal=0.0, bias_drift=w)
+    model = adaptor.fit(DOCS, config=cfg, weights=weights, dims=(4, 12), quiet=True)
+    drift[w] = float(np.linalg.norm(np.asarray(model.module.base.bias[...])))  # The start's is 0.
+  assert drift[0.0] > 0.05
+  assert drift[100.0] < 0.1 * drift[0.0]
