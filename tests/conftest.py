@@ -66,3 +66,14 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
   for path in _SESSION_CACHE:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def kill_seed() -> int:
+  """The seed that picks a kill test's moment: fixed, so a failure can be rerun as it was.
+
+  ADAPTOR_KILL_SEED=N overrides it (to try other moments); the seed is printed,
+  so pytest shows it with any failure.
+  """
+  seed = int(os.environ.get("ADAPTOR_KILL_SEED", "0"))
+  print(f"kill seed {seed} (rerun with ADAPTOR_KILL_SEED={seed})")
+  return seed

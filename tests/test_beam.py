@@ -20,6 +20,7 @@ from flax import nnx
 
 import adaptor
 from adaptor import beam as ab
+from conftest import kill_seed
 from adaptor.cli import beam as beam_cli
 from adaptor.model import MatryoshkaAdaptor, init_reorder_from_pca
 
@@ -48,16 +49,6 @@ def _npy_shards(folder, x, bounds):
   for i, (a, b) in enumerate(itertools.pairwise(bounds)):
     np.save(folder / f"part-{i}.npy", x[a:b])
 
-
-def _kill_seed() -> int:
-  """The seed that picks the kill moment: fixed, so a failure can be rerun as it was.
-
-  ADAPTOR_KILL_SEED=N overrides it (to try other moments); the seed is printed,
-  so pytest shows it with any failure.
-  """
-  seed = int(os.environ.get("ADAPTOR_KILL_SEED", "0"))
-  print(f"kill seed {seed} (rerun with ADAPTOR_KILL_SEED={seed})")
-  return seed
 
 
 def test_npy_pipeline_equals_in_memory_apply(setup, tmp_path):
@@ -276,7 +267,7 @@ def test_pipeline_killed_mid_write_then_rerun_gives_the_uninterrupted_output(set
              "--batch-size", str(BATCH), "--rows-per-split", "10", *DIRECT]
   want = model.apply(x, dim=64, dtype=np.float32, batch_size=BATCH)
   env = subprocess_env(xla_cache)
-  seed = _kill_seed()
+  seed = kill_seed()
   log = open(tmp_path / "killed.log", "w+")
   proc = subprocess.Popen(command, env=env, stdout=log, stderr=log)
   try:

@@ -13,7 +13,6 @@ which compiles several times faster; resuming does not depend on either.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import pytest
 from flax import nnx
 
 import adaptor
-from conftest import reap, subprocess_env
+from conftest import kill_seed, reap, subprocess_env
 
 
 
@@ -34,10 +33,6 @@ from conftest import reap, subprocess_env
 def env(xla_cache):
   return subprocess_env(xla_cache, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
 
-
-def _kill_seed() -> int:
-  # Each run kills at a different moment; the seed is in every failure message.
-  return int.from_bytes(os.urandom(4), "little")
 
 
 def _params(path):
@@ -74,7 +69,7 @@ def test_fit_killed_after_a_step_checkpoint_resumes_to_identical_parameters(tmp_
 
   out = tmp_path / "resumed"
   steps = tmp_path / "resumed.train" / "unsupervised"
-  seed = _kill_seed()
+  seed = kill_seed()
   # Output goes to a file: a pipe nobody reads could fill up and stall the child.
   log = open(tmp_path / "killed.log", "w+")
   proc = subprocess.Popen(command(out), env=env, stdout=log, stderr=log)
@@ -159,7 +154,7 @@ while True:
 def test_adaptor_save_killed_at_a_random_moment_leaves_a_loadable_checkpoint(tmp_path, env):
   root = tmp_path / "checkpoints"
   path = root / "ck"
-  seed = _kill_seed()
+  seed = kill_seed()
   last = _kill_save_loop(SAVE_LOOP, path, tmp_path / "saver.log", seed, env)
 
   leftovers = sorted(p.name for p in root.iterdir() if p.name != "ck")
@@ -207,7 +202,7 @@ def test_index_save_killed_at_a_random_moment_leaves_the_previous_index_loadable
 
   root = tmp_path / "indexes"
   path = root / "ix"
-  seed = _kill_seed()
+  seed = kill_seed()
   last = _kill_save_loop(INDEX_SAVE_LOOP, path, tmp_path / "index-saver.log", seed, env)
 
   index = MatryoshkaIndex.load(path)  # Moves the old index back if killed between renames.

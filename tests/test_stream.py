@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 import adaptor
-from conftest import reap, subprocess_env
+from conftest import kill_seed, reap, subprocess_env
 from adaptor import stream
 from adaptor.cli import main
 from adaptor.data import InputError
@@ -65,16 +65,6 @@ def _files(folder) -> dict[str, bytes]:
 
 SIZES = (5, 0, 7, 9, 3)  # 24 rows; an empty shard; files end mid-batch
 
-
-def _kill_seed() -> int:
-  """The seed that picks the kill moment: fixed, so a failure can be rerun as it was.
-
-  ADAPTOR_KILL_SEED=N overrides it (to try other moments); the seed is printed,
-  so pytest shows it with any failure.
-  """
-  seed = int(os.environ.get("ADAPTOR_KILL_SEED", "0"))
-  print(f"kill seed {seed} (rerun with ADAPTOR_KILL_SEED={seed})")
-  return seed
 
 
 @pytest.mark.parametrize("fmt", ["npy", "parquet"])
@@ -382,7 +372,7 @@ def test_cli_killed_mid_run_resumes_to_byte_identical_output(tmp_path, env):
   assert len(reference) == 1 + 2 * 39  # manifest + 39 shards of .npy and .ids.txt
 
   out = tmp_path / "out"
-  seed = _kill_seed()
+  seed = kill_seed()
   log = open(tmp_path / "killed.log", "w+")  # A file: an unread pipe could fill up and stall it.
   proc = subprocess.Popen(command(out), env=env, stdout=log, stderr=log)
   try:
