@@ -551,6 +551,7 @@ def fit(
     config: TrainConfig | None = None,
     seed: int | None = None,
     checkpoint_dir=None,
+    keep_resume_state: bool = False,
     quiet: bool = False,
     devices=None,
     **overrides,
@@ -573,7 +574,11 @@ def fit(
     seed: shorthand for config.seed.
     checkpoint_dir: if given, training state is checkpointed there and an
       interrupted fit with the same arguments resumes from it. With several
-      processes only process 0 writes (and reads) it.
+      processes only process 0 writes (and reads) it. A completed fit removes
+      it, unless `keep_resume_state`.
+    keep_resume_state: keep `checkpoint_dir` after the fit completes, for a
+      caller that removes it once it has saved the adaptor (as the CLI does),
+      so that a kill in between resumes instead of fitting again.
     quiet: no progress bar.
     devices: the devices to train on, data parallel (default: `jax.devices()`,
       i.e. all local accelerators, and those of every host after
@@ -800,7 +805,7 @@ def fit(
       "queries_fingerprint": None if queries is None else fingerprint(queries),
       "train_seconds": time.time() - t0,
   })
-  if checkpoint_dir is not None and jax.process_index() == 0:
+  if checkpoint_dir is not None and jax.process_index() == 0 and not keep_resume_state:
     remove_resume_state(checkpoint_dir)  # The fit is complete: a rerun must start afresh.
   return Adaptor(model, train_config=config, info=info)
 

@@ -85,6 +85,14 @@ def test_completed_api_fit_removes_its_resume_state(tmp_path):
   assert model.info["stages"]["unsupervised"]["steps"] == SMALL.steps
 
 
+def test_keep_resume_state_leaves_the_last_step_for_the_callers_save(tmp_path):
+  # The CLI keeps it until the adaptor is saved: a kill in between then resumes
+  # from the last step instead of fitting again.
+  resume = tmp_path / "resume"
+  _fit(checkpoint_dir=resume, keep_resume_state=True)
+  assert checkpoint.TrainCheckpointer(resume / "unsupervised").latest() == SMALL.steps
+
+
 def test_remove_resume_state_keeps_other_files(tmp_path):
   resume = tmp_path / "resume"
   ck = checkpoint.TrainCheckpointer(resume / "unsupervised")

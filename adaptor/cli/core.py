@@ -147,7 +147,8 @@ def _cmd_fit(args):
         qrels=qrels if args.supervised else None,
         query_ids=query_ids if args.supervised else None,
         corpus_ids=corpus_ids if args.supervised else None,
-        seed=args.seed, checkpoint_dir=resume, quiet=args.quiet, **overrides)
+        seed=args.seed, checkpoint_dir=resume, keep_resume_state=True, quiet=args.quiet,
+        **overrides)
     if jax.process_index() != 0:  # Every process holds the same adaptor; process 0 writes it.
       return
     model.save(args.out, overwrite=args.overwrite)
