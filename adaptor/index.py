@@ -281,8 +281,7 @@ class MatryoshkaIndex:
       have = ", ".join(f"{p} {m}" for p, m in sorted(self._stores)) or "none"
       raise InputError(f"no {precision} store holds a {dim}-dim prefix: expected a {precision} "
                        f"store with dims >= {dim}, the index has stores [{have}] (add one with "
-                       f"index.add_store({precision!r}, {dim}) or `index build --stores "
-                       f"{precision}:{dim}`)")
+                       f"index.add_store({precision!r}, {dim}))")
     return self._stores[(precision, min(found))]
 
   def _store_for_schedule(self, stages) -> None:

@@ -138,8 +138,8 @@ def collection_dims(collection: str, **where) -> tuple[int, ...]:
 
 def _collection_dims(client, collection: str) -> tuple[int, ...]:
   if not client.collection_exists(collection):
-    raise InputError(f"collection {collection!r} must exist (create it with create_collection "
-                     f"or `qdrant upload --dims`), found none")
+    raise InputError(f"collection {collection!r} must exist (create it with "
+                     f"create_collection(collection, dims)), found none")
   vectors = client.get_collection(collection).config.params.vectors
   if not isinstance(vectors, Mapping) or not vectors:
     raise InputError(f"collection {collection!r}: expected named vectors m<dim>, found {vectors!r}")
