@@ -128,3 +128,12 @@ def test_bias_drift_weight_holds_the_bias_at_its_start():
     drift[w] = float(np.linalg.norm(np.asarray(model.module.base.bias[...])))  # The start's is 0.
   assert drift[0.0] > 0.05
   assert drift[100.0] < 0.1 * drift[0.0]
+
+
+def test_cli_fit_start_option_reaches_the_fit(tmp_path):
+  from adaptor import cli
+  np.save(tmp_path / "corpus.npy", DOCS / np.linalg.norm(DOCS, axis=1, keepdims=True))
+  out = tmp_path / "ck"
+  assert cli.main(["fit", "--corpus", str(tmp_path / "corpus.npy"), "--dims", "4,12", "--steps",
+                   "5", "--start", "pca-centred", "--out", str(out), "--quiet"]) == 0
+  assert adaptor.load(out).info["start"]["chosen"] == "pca-centred"

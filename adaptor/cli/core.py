@@ -24,7 +24,11 @@ def add_core_commands(sub) -> None:
   fit.add_argument("--dims", type=dims, help="Matryoshka dims, e.g. 16,32,64,128,384")
   fit.add_argument("--d-out", type=int, help="adapted size (default: input size)")
   fit.add_argument("--hidden", type=int, help="residual MLP width (0: none)")
-  fit.add_argument("--steps", type=int, help="max unsupervised steps")
+  fit.add_argument("--steps", type=int, help="max unsupervised steps (default: 25 passes over "
+                   "the documents and queries, between 500 and 3000)")
+  fit.add_argument("--start", choices=("auto", "pca-docs", "pca-docs-queries", "pca-centred"),
+                   help="the reorder stage's closed-form start (default auto: the best of the "
+                   "three on held-out anchors)")
   fit.add_argument("--supervised-steps", type=int, help="max supervised steps")
   fit.add_argument("--seed", type=int, default=0)
   fit.add_argument("--out", required=True, help="checkpoint directory, e.g. checkpoints/NAME")
@@ -130,7 +134,8 @@ def _cmd_fit(args):
   corpus, corpus_ids, queries, query_ids, qrels = load_inputs(args, args.split)
   overrides = {k: v for k, v in {
       "d_out": args.d_out, "hidden": args.hidden, "steps": args.steps,
-      "supervised_steps": args.supervised_steps, "eval_every": args.eval_every}.items()
+      "supervised_steps": args.supervised_steps, "eval_every": args.eval_every,
+      "start": args.start}.items()
       if v is not None}
   if args.supervised and qrels is None:
     raise adaptor.InputError("--supervised needs qrels (--beir, or --qrels with ids)")
