@@ -29,14 +29,14 @@ batch from `fold_in(stage_key, step)`, and only then splits the batch's rows
 across devices, so XLA sums the gradients and every device count draws the same
 batches and follows the same loss curve (up to float summation order). With
 several processes every host must pass the same inputs (checked), and only
-process 0 shows progress and reads and writes the training checkpoints.
+process 0 shows progress and reads and writes the training checkpoints; that
+plumbing (mesh, placement, agreement between processes) is in `distributed`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import time
 
@@ -45,11 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from adaptor import interrupts, losses
+from adaptor import distributed, interrupts, losses
 from adaptor.checkpoint import TrainCheckpointer, remove_resume_state, resume_fingerprint
 from adaptor.data import InputError, check_embeddings, check_qrels, fingerprint
 from adaptor.metrics import evaluate_topk
@@ -335,93 +334,6 @@ def _make_step(graphdef, optimizer, loss_fn, replicated):
   return step
 
 
-# --------------------------------------------------------------------------- devices
-
-
-def _mesh(devices) -> Mesh:
-  """A one-axis ("data") mesh over `devices` (default: all devices of all processes)."""
-  devices = jax.devices() if devices is None else list(devices)
-  if not devices or not all(isinstance(d, jax.Device) for d in devices):
-    raise ValueError(f"devices must be a non-empty sequence of jax.Device, got {devices!r}")
-  if len(set(devices)) != len(devices):
-    raise ValueError(f"devices must not repeat a device, got {devices}")
-  return Mesh(np.asarray(devices), ("data",))
-
-
-def _put(tree, sharding):
-  """Device arrays with `sharding` holding `tree`'s values (host or device arrays).
-
-  Each process supplies its own devices' shards from its own copy, so this needs
-  no communication, also when `sharding` spans several hosts.
-  """
-  def put(x):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-  return jax.tree.map(put, tree)
-
-
-def _local(tree):
-  """This process's copy of each replicated array, on its first device of the mesh.
-
-  Validation and the returned adaptor run on one device: host-side code
-  (`apply_adaptor`, `exact_search`) then never sees an array that spans hosts.
-  """
-  return jax.tree.map(lambda x: x.addressable_data(0), tree)
-
-
-def _from_process_0(tree):
-  """Process 0's values of a pytree of host arrays (same shapes on every process)."""
-  if jax.process_count() == 1:
-    return tree
-  return multihost_utils.broadcast_one_to_all(tree)
-
-
-def _check_same_inputs(arrays: dict) -> None:
-  """Raises InputError unless every process holds the same `arrays` (a dict of host arrays)."""
-  if jax.process_count() == 1:
-    return
-  digest = hashlib.sha256()
-  for name in sorted(arrays):
-    digest.update(name.encode())
-    digest.update(np.ascontiguousarray(arrays[name]).tobytes())
-  local = np.frombuffer(digest.digest(), np.uint32)
-  every = np.asarray(multihost_utils.process_allgather(local))  # [processes, 8]
-  differ = [i for i in range(every.shape[0]) if not np.array_equal(every[i], every[0])]
-  if differ:
-    raise InputError(
-        f"fit inputs differ between processes: processes {differ} hold other data than process 0 "
-        f"(compared: {sorted(arrays)}); every host must pass the same corpus, queries, qrels, "
-        "ids and config")
-
-
-def _restore(checkpoints, state):
-  """`(step, state, meta)` of the latest training checkpoint, or None when there is none.
-
-  With several processes only process 0 reads checkpoints (it alone writes
-  them), and sends what it found to the others, so hosts need not share a file
-  system and cannot resume from different steps.
-  """
-  if jax.process_count() == 1:
-    if checkpoints is None or checkpoints.latest() is None:
-      return None
-    return checkpoints.restore(state)
-  host_state = jax.tree.map(np.asarray, state)
-  found = None
-  if jax.process_index() == 0 and checkpoints is not None and checkpoints.latest() is not None:
-    found = checkpoints.restore(host_state)
-  # Step and meta go as JSON bytes, whose length the others learn first (a
-  # broadcast needs the same shape everywhere); then the arrays.
-  text = np.frombuffer(json.dumps(None if found is None else [found[0], found[2]]).encode(),
-                       np.uint8)
-  size = int(_from_process_0(np.int32(text.size)))
-  text = text if jax.process_index() == 0 else np.zeros(size, np.uint8)
-  header = json.loads(bytes(np.asarray(_from_process_0(text), np.uint8)).decode())
-  if header is None:
-    return None
-  arrays = _from_process_0(found[1] if found is not None else host_state)
-  return header[0], jax.tree.map(lambda x, like: _put(x, like.sharding), arrays, state), header[1]
-
-
 # --------------------------------------------------------------------------- stages
 
 
@@ -435,7 +347,7 @@ def _run_stage(name, *, steps, step_fn, evaluate, params, opt_state, data, key, 
            "best_score": jnp.asarray(-jnp.inf if higher_is_better else jnp.inf, jnp.float32),
            "bad_evals": jnp.asarray(0, jnp.int32)}
   start, done, history, kept_step = 0, False, [], 0
-  restored = _restore(checkpoints, state)
+  restored = distributed.restore(checkpoints, state)
   if restored is not None:
     start, state, meta = restored
     done = meta.get("done", False)
@@ -444,7 +356,7 @@ def _run_stage(name, *, steps, step_fn, evaluate, params, opt_state, data, key, 
   if start == 0:
     # The starting point (PCA, or the previous stage's best) is a candidate too,
     # so a stage never returns something worse than what it was given.
-    score = _agreed_score(evaluate(params))
+    score = distributed.agreed_score(evaluate(params))
     history.append({"step": 0, "loss": None, "val": score})
     state["best_score"] = jnp.asarray(score, jnp.float32)
   bar = tqdm(total=steps, initial=start, desc=name, unit="step", dynamic_ncols=True,
@@ -459,7 +371,7 @@ def _run_stage(name, *, steps, step_fn, evaluate, params, opt_state, data, key, 
     bar.update(1)
     if step % config.eval_every == 0 or step == steps:
       loss = float(loss_arr)
-      score = _agreed_score(evaluate(state["params"]))
+      score = distributed.agreed_score(evaluate(state["params"]))
       history.append({"step": step, "loss": loss, "val": score})
       # A few hundred validation queries give a noisy score, so the stage keeps
       # the latest parameters that score within `val_tolerance` of the best
@@ -494,19 +406,6 @@ def _run_stage(name, *, steps, step_fn, evaluate, params, opt_state, data, key, 
   return state["best"], summary
 
 
-def _agreed_score(score) -> float:
-  """Process 0's validation score, as a float.
-
-  Every process must take the same early-stopping decisions, even where a
-  host-side metric (nDCG on each host's copy) could differ in its last bits.
-  """
-  if jax.process_count() == 1:
-    return float(score)
-  # Sent as the float64's two 32-bit halves: jax (without x64) would round a float64.
-  bits = np.frombuffer(np.float64(score).tobytes(), np.uint32)
-  return float(np.asarray(_from_process_0(bits), np.uint32).view(np.float64)[0])
-
-
 def _neighbour_table(anchors, docs, k, own_doc):
   """Exact top-k documents (by full-size cosine) of each anchor, skipping its own document.
 
@@ -532,7 +431,7 @@ _VAL_BATCHES = 8
 
 def _retrieval_eval(graphdef, docs, queries, query_ids, doc_ids, qrels, dim):
   def evaluate(params):
-    model = nnx.merge(graphdef, _local(params))
+    model = nnx.merge(graphdef, distributed.local(params))
     d = apply_adaptor(model, docs, dim=dim)
     q = apply_adaptor(model, queries, dim=dim)
     scores, idx = exact_search(q, d, min(10, d.shape[0]))
@@ -602,7 +501,7 @@ def fit(
   if overrides:
     config = dataclasses.replace(config, **overrides)
   _check_positive(config)
-  mesh = _mesh(devices)
+  mesh = distributed.mesh(devices)
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_rows = NamedSharding(mesh, PartitionSpec("data"))
   corpus = check_embeddings(corpus, name="corpus")
@@ -683,22 +582,22 @@ def fit(
   }
   # Hosts holding different inputs would each compute a different "replicated"
   # value, silently; the check costs one hash of the tables per fit.
-  _check_same_inputs({**host_data, "config": np.frombuffer(
+  distributed.check_same_inputs({**host_data, "config": np.frombuffer(
       json.dumps(config.to_dict(), sort_keys=True).encode(), np.uint8)})
   # The tables are small (at most max_rows documents) and every device gathers
   # its batch rows from them, so each device holds a full copy.
-  data = _put(host_data, replicated)
+  data = distributed.put(host_data, replicated)
   graphdef, params = nnx.split(model, nnx.Param)
   # Process 0's initial parameters (the PCA start is computed on each host, and
   # hosts with other BLAS builds could differ in the last bits).
-  params = _put(_from_process_0(jax.tree.map(np.asarray, params)), replicated)
+  params = distributed.put(distributed.from_process_0(jax.tree.map(np.asarray, params)), replicated)
   optimizer = optax.adam(config.learning_rate)
   info = {"neighbour_seconds": time.time() - t0, "n_docs": len(docs),
           "n_query_anchors": 0 if anchor_queries is None else len(anchor_queries),
           "devices": mesh.size, "processes": jax.process_count()}
 
   def checkpoints(stage):
-    # Process 0 alone writes checkpoints; `_restore` sends their contents to the others.
+    # Process 0 alone writes checkpoints; `distributed.restore` sends their contents to the others.
     if checkpoint_dir is None or jax.process_index() != 0:
       return None
     return TrainCheckpointer(f"{checkpoint_dir}/{stage}", fingerprint=resume_fp)
@@ -752,25 +651,27 @@ def fit(
     for name, (kernel, bias) in starts.items():
       model.base.kernel.set_value(jnp.asarray(kernel))
       model.base.bias.set_value(jnp.asarray(bias))
-      candidate = _put(_from_process_0(jax.tree.map(np.asarray, nnx.split(model, nnx.Param)[1])),
-                       replicated)
-      scores[name] = _agreed_score(val_eval(candidate))
+      candidate = distributed.put(
+          distributed.from_process_0(jax.tree.map(np.asarray, nnx.split(model, nnx.Param)[1])),
+          replicated)
+      scores[name] = distributed.agreed_score(val_eval(candidate))
     pick = max if higher else min
     chosen = pick(scores, key=scores.get)
     kernel, bias = starts[chosen]
     model.base.kernel.set_value(jnp.asarray(kernel))
     model.base.bias.set_value(jnp.asarray(bias))
-    params = _put(_from_process_0(jax.tree.map(np.asarray, nnx.split(model, nnx.Param)[1])),
-                  replicated)
-    data["start_bias"] = _put(np.asarray(bias, np.float32), replicated)
+    params = distributed.put(
+        distributed.from_process_0(jax.tree.map(np.asarray, nnx.split(model, nnx.Param)[1])),
+        replicated)
+    data["start_bias"] = distributed.put(np.asarray(bias, np.float32), replicated)
     info["start"] = {"chosen": chosen, "val": scores}
 
   stages = {}
   step_fn = _make_step(graphdef, optimizer, unsup_loss, replicated)
   params, stages["unsupervised"] = _run_stage(
       "unsupervised", steps=config.steps, step_fn=step_fn, evaluate=val_eval, params=params,
-      opt_state=_put(optimizer.init(params), replicated), data=data, key=k_unsup, config=config,
-      checkpoints=checkpoints("unsupervised"), higher_is_better=higher, quiet=quiet)
+      opt_state=distributed.put(optimizer.init(params), replicated), data=data, key=k_unsup,
+      config=config, checkpoints=checkpoints("unsupervised"), higher_is_better=higher, quiet=quiet)
 
   if supervised and config.supervised_steps:
     pos, grades = _positives_table(qrels, [query_ids[i] for i in sup_train], doc_ids,
@@ -779,8 +680,8 @@ def fit(
     negatives = _hard_negatives(sup_q, docs, pos, config.negatives_from)
     host_sup = {"sup_queries": sup_q, "sup_positives": pos, "sup_grades": grades,
                 "sup_negatives": negatives}
-    _check_same_inputs(host_sup)
-    data = {**data, **_put(host_sup, replicated)}
+    distributed.check_same_inputs(host_sup)
+    data = {**data, **distributed.put(host_sup, replicated)}
 
     def sup_loss(model_, data_, key_):
       k1, k2 = jax.random.split(key_)
@@ -794,10 +695,11 @@ def fit(
     step_fn = _make_step(graphdef, optimizer, sup_loss, replicated)
     params, stages["supervised"] = _run_stage(
         "supervised", steps=config.supervised_steps, step_fn=step_fn, evaluate=val_eval,
-        params=params, opt_state=_put(optimizer.init(params), replicated), data=data, key=k_sup,
-        config=config, checkpoints=checkpoints("supervised"), higher_is_better=True, quiet=quiet)
+        params=params, opt_state=distributed.put(optimizer.init(params), replicated), data=data,
+        key=k_sup, config=config, checkpoints=checkpoints("supervised"), higher_is_better=True,
+        quiet=quiet)
 
-  nnx.update(model, _local(params))
+  nnx.update(model, distributed.local(params))
   info.update({
       "supervised": supervised,
       "stages": stages,
