@@ -6,6 +6,11 @@ drawn on device from `fold_in(stage_key, step)`, so a run is a pure function
 of its seed: the same seed gives the same parameters, and a run resumed from
 a checkpoint continues exactly where it stopped.
 
+`fit` is a short sequence of named steps, defined below it (see their
+docstrings): resolve and check the config and inputs, pick the corpus rows and
+the query anchors, build the data tables, set up validation, choose the start,
+then run the unsupervised stage and, with qrels, the supervised one.
+
 Unsupervised batches (one per step):
   anchors     `batch_size` rows drawn from the corpus and, if given, from
               unlabeled query embeddings (queries are what retrieval ranks
@@ -29,14 +34,14 @@ batch from `fold_in(stage_key, step)`, and only then splits the batch's rows
 across devices, so XLA sums the gradients and every device count draws the same
 batches and follows the same loss curve (up to float summation order). With
 several processes every host must pass the same inputs (checked), and only
-process 0 shows progress and reads and writes the training checkpoints.
+process 0 shows progress and reads and writes the training checkpoints; that
+plumbing (mesh, placement, agreement between processes) is in `distributed`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import time
 
@@ -45,11 +50,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from adaptor import interrupts, losses
+from adaptor import distributed, interrupts, losses
 from adaptor.checkpoint import TrainCheckpointer, remove_resume_state, resume_fingerprint
 from adaptor.data import InputError, check_embeddings, check_qrels, fingerprint
 from adaptor.metrics import evaluate_topk
@@ -335,93 +339,6 @@ def _make_step(graphdef, optimizer, loss_fn, replicated):
   return step
 
 
-# --------------------------------------------------------------------------- devices
-
-
-def _mesh(devices) -> Mesh:
-  """A one-axis ("data") mesh over `devices` (default: all devices of all processes)."""
-  devices = jax.devices() if devices is None else list(devices)
-  if not devices or not all(isinstance(d, jax.Device) for d in devices):
-    raise ValueError(f"devices must be a non-empty sequence of jax.Device, got {devices!r}")
-  if len(set(devices)) != len(devices):
-    raise ValueError(f"devices must not repeat a device, got {devices}")
-  return Mesh(np.asarray(devices), ("data",))
-
-
-def _put(tree, sharding):
-  """Device arrays with `sharding` holding `tree`'s values (host or device arrays).
-
-  Each process supplies its own devices' shards from its own copy, so this needs
-  no communication, also when `sharding` spans several hosts.
-  """
-  def put(x):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-  return jax.tree.map(put, tree)
-
-
-def _local(tree):
-  """This process's copy of each replicated array, on its first device of the mesh.
-
-  Validation and the returned adaptor run on one device: host-side code
-  (`apply_adaptor`, `exact_search`) then never sees an array that spans hosts.
-  """
-  return jax.tree.map(lambda x: x.addressable_data(0), tree)
-
-
-def _from_process_0(tree):
-  """Process 0's values of a pytree of host arrays (same shapes on every process)."""
-  if jax.process_count() == 1:
-    return tree
-  return multihost_utils.broadcast_one_to_all(tree)
-
-
-def _check_same_inputs(arrays: dict) -> None:
-  """Raises InputError unless every process holds the same `arrays` (a dict of host arrays)."""
-  if jax.process_count() == 1:
-    return
-  digest = hashlib.sha256()
-  for name in sorted(arrays):
-    digest.update(name.encode())
-    digest.update(np.ascontiguousarray(arrays[name]).tobytes())
-  local = np.frombuffer(digest.digest(), np.uint32)
-  every = np.asarray(multihost_utils.process_allgather(local))  # [processes, 8]
-  differ = [i for i in range(every.shape[0]) if not np.array_equal(every[i], every[0])]
-  if differ:
-    raise InputError(
-        f"fit inputs differ between processes: processes {differ} hold other data than process 0 "
-        f"(compared: {sorted(arrays)}); every host must pass the same corpus, queries, qrels, "
-        "ids and config")
-
-
-def _restore(checkpoints, state):
-  """`(step, state, meta)` of the latest training checkpoint, or None when there is none.
-
-  With several processes only process 0 reads checkpoints (it alone writes
-  them), and sends what it found to the others, so hosts need not share a file
-  system and cannot resume from different steps.
-  """
-  if jax.process_count() == 1:
-    if checkpoints is None or checkpoints.latest() is None:
-      return None
-    return checkpoints.restore(state)
-  host_state = jax.tree.map(np.asarray, state)
-  found = None
-  if jax.process_index() == 0 and checkpoints is not None and checkpoints.latest() is not None:
-    found = checkpoints.restore(host_state)
-  # Step and meta go as JSON bytes, whose length the others learn first (a
-  # broadcast needs the same shape everywhere); then the arrays.
-  text = np.frombuffer(json.dumps(None if found is None else [found[0], found[2]]).encode(),
-                       np.uint8)
-  size = int(_from_process_0(np.int32(text.size)))
-  text = text if jax.process_index() == 0 else np.zeros(size, np.uint8)
-  header = json.loads(bytes(np.asarray(_from_process_0(text), np.uint8)).decode())
-  if header is None:
-    return None
-  arrays = _from_process_0(found[1] if found is not None else host_state)
-  return header[0], jax.tree.map(lambda x, like: _put(x, like.sharding), arrays, state), header[1]
-
-
 # --------------------------------------------------------------------------- stages
 
 
@@ -435,7 +352,7 @@ def _run_stage(name, *, steps, step_fn, evaluate, params, opt_state, data, key, 
            "best_score": jnp.asarray(-jnp.inf if higher_is_better else jnp.inf, jnp.float32),
            "bad_evals": jnp.asarray(0, jnp.int32)}
   start, done, history, kept_step = 0, False, [], 0
-  restored = _restore(checkpoints, state)
+  restored = distributed.restore(checkpoints, state)
   if restored is not None:
     start, state, meta = restored
     done = meta.get("done", False)
@@ -444,7 +361,7 @@ def _run_stage(name, *, steps, step_fn, evaluate, params, opt_state, data, key, 
   if start == 0:
     # The starting point (PCA, or the previous stage's best) is a candidate too,
     # so a stage never returns something worse than what it was given.
-    score = _agreed_score(evaluate(params))
+    score = distributed.agreed_score(evaluate(params))
     history.append({"step": 0, "loss": None, "val": score})
     state["best_score"] = jnp.asarray(score, jnp.float32)
   bar = tqdm(total=steps, initial=start, desc=name, unit="step", dynamic_ncols=True,
@@ -459,7 +376,7 @@ def _run_stage(name, *, steps, step_fn, evaluate, params, opt_state, data, key, 
     bar.update(1)
     if step % config.eval_every == 0 or step == steps:
       loss = float(loss_arr)
-      score = _agreed_score(evaluate(state["params"]))
+      score = distributed.agreed_score(evaluate(state["params"]))
       history.append({"step": step, "loss": loss, "val": score})
       # A few hundred validation queries give a noisy score, so the stage keeps
       # the latest parameters that score within `val_tolerance` of the best
@@ -494,19 +411,6 @@ def _run_stage(name, *, steps, step_fn, evaluate, params, opt_state, data, key, 
   return state["best"], summary
 
 
-def _agreed_score(score) -> float:
-  """Process 0's validation score, as a float.
-
-  Every process must take the same early-stopping decisions, even where a
-  host-side metric (nDCG on each host's copy) could differ in its last bits.
-  """
-  if jax.process_count() == 1:
-    return float(score)
-  # Sent as the float64's two 32-bit halves: jax (without x64) would round a float64.
-  bits = np.frombuffer(np.float64(score).tobytes(), np.uint32)
-  return float(np.asarray(_from_process_0(bits), np.uint32).view(np.float64)[0])
-
-
 def _neighbour_table(anchors, docs, k, own_doc):
   """Exact top-k documents (by full-size cosine) of each anchor, skipping its own document.
 
@@ -532,7 +436,7 @@ _VAL_BATCHES = 8
 
 def _retrieval_eval(graphdef, docs, queries, query_ids, doc_ids, qrels, dim):
   def evaluate(params):
-    model = nnx.merge(graphdef, _local(params))
+    model = nnx.merge(graphdef, distributed.local(params))
     d = apply_adaptor(model, docs, dim=dim)
     q = apply_adaptor(model, queries, dim=dim)
     scores, idx = exact_search(q, d, min(10, d.shape[0]))
@@ -594,212 +498,71 @@ def fit(
   """
   from adaptor.api import Adaptor  # Deferred: api imports this module.
 
-  config = config or TrainConfig()
-  if seed is not None:
-    overrides["seed"] = seed
-  if dims is not None:
-    overrides["dims"] = tuple(dims)
-  if overrides:
-    config = dataclasses.replace(config, **overrides)
-  _check_positive(config)
-  mesh = _mesh(devices)
+  config = _resolve_config(config, seed=seed, dims=dims, overrides=overrides)
+  mesh = distributed.mesh(devices)
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_rows = NamedSharding(mesh, PartitionSpec("data"))
   corpus = check_embeddings(corpus, name="corpus")
   d_in = corpus.shape[1]
-  d_out = config.d_out or d_in
-  dims = check_dims(config.dims or default_dims(d_out), d_out)
-  hidden = config.hidden if config.hidden is not None else (512 if qrels is not None else 0)
-  config = dataclasses.replace(config, dims=dims, d_out=d_out, hidden=hidden)
-  if queries is not None:
-    queries = check_embeddings(queries, name="queries", dim=d_in)
-  supervised = qrels is not None
-  if supervised:
-    if queries is None or query_ids is None or corpus_ids is None:
-      raise InputError("supervised fitting (qrels given) needs queries, query_ids and corpus_ids")
-    if len(query_ids) != queries.shape[0]:
-      raise InputError(f"query_ids has {len(query_ids)} ids but queries has {queries.shape[0]} rows")
-    if len(corpus_ids) != corpus.shape[0]:
-      raise InputError(f"corpus_ids has {len(corpus_ids)} ids but corpus has {corpus.shape[0]} rows")
-    check_qrels(qrels, query_ids=query_ids, doc_ids=corpus_ids)
+  config = _sized_config(config, d_in=d_in, supervised=qrels is not None)
+  queries = _check_inputs(corpus, queries, qrels, query_ids, corpus_ids)
 
   key = jax.random.PRNGKey(config.seed)
   k_rows, k_split, k_init, k_pca, k_unsup, k_sup, k_qsplit = (jax.random.fold_in(key, i) for i in range(7))
-
-  # Corpus rows used for fitting (all of them unless the corpus is huge).
-  n_docs = corpus.shape[0]
-  if n_docs > config.max_rows:
-    rows = np.sort(np.asarray(jax.random.choice(k_rows, n_docs, (config.max_rows,), replace=False)))
-  else:
-    rows = np.arange(n_docs)
-  docs = np.asarray(corpus[rows], np.float32)
-  doc_ids = None if corpus_ids is None else [str(corpus_ids[i]) for i in rows]
-  if config.neighbours >= docs.shape[0]:
-    raise InputError(f"TrainConfig.neighbours must be < the number of documents ({docs.shape[0]}), "
-                     f"got {config.neighbours}")
-
-  # Unlabeled query anchors: all given queries, minus judged validation queries.
-  sup_train = sup_val = None
-  if supervised:
-    judged = np.array([i for i, q in enumerate(query_ids) if q in qrels and qrels[q]])
-    if len(judged) < 2:
-      raise InputError(f"qrels judge {len(judged)} of the given queries; need at least 2")
-    tr, va = _val_split(k_qsplit, len(judged), config.val_fraction)
-    sup_train, sup_val = judged[tr], judged[va]
-    anchor_queries = np.asarray(queries[sup_train], np.float32)
-  elif queries is not None:
-    anchor_queries = np.asarray(queries, np.float32)
-  else:
-    anchor_queries = None
-
+  docs, doc_ids = _fit_rows(corpus, corpus_ids, config, k_rows)
+  anchor_queries, sup_train, sup_val = _anchor_queries(queries, qrels, query_ids, config, k_qsplit)
   n_anchor_queries = 0 if anchor_queries is None else len(anchor_queries)
-  if config.query_fraction is None:
-    config = dataclasses.replace(config, query_fraction=auto_query_fraction(n_anchor_queries))
-  if config.steps is None:
-    config = dataclasses.replace(config, steps=auto_steps(len(docs) + n_anchor_queries, config))
-  model = MatryoshkaAdaptor(d_in, d_out=d_out, hidden=config.hidden, reorder=config.reorder,
+  config = _scheduled_config(config, n_docs=len(docs), n_anchor_queries=n_anchor_queries)
+  model = MatryoshkaAdaptor(d_in, d_out=config.d_out, hidden=config.hidden, reorder=config.reorder,
                             rngs=nnx.Rngs(params=k_init))
-  model.config = dataclasses.replace(model.config, dims=dims)
-  starts = _start_candidates(config, docs, anchor_queries, d_out, k_pca) if config.reorder else {}
+  model.config = dataclasses.replace(model.config, dims=config.dims)
+  starts = (_start_candidates(config, docs, anchor_queries, config.d_out, k_pca)
+            if config.reorder else {})
 
-  # Anchors: documents, then unlabeled queries; validation holds some of each out.
-  anchors = docs if anchor_queries is None else np.concatenate([docs, anchor_queries])
-  anchor_doc = np.concatenate([np.arange(len(docs)), np.full(len(anchors) - len(docs), -1)])
   t0 = time.time()
-  neighbours = _neighbour_table(anchors, docs, config.neighbours, anchor_doc)
-  doc_tr, doc_va = _val_split(k_split, len(docs), config.val_fraction)
-  if anchor_queries is not None and len(anchor_queries) >= 2:
-    q_tr, q_va = _val_split(jax.random.fold_in(k_split, 1), len(anchor_queries), config.val_fraction)
-    q_pool = (len(docs) + q_tr, len(docs) + q_va)
-  else:
-    q_pool = (None, None)
-
-  host_data = {
-      "docs": docs,
-      "anchors": anchors,
-      "anchor_doc": anchor_doc.astype(np.int32),
-      "neighbours": neighbours.astype(np.int32),
-      "start_bias": np.zeros(d_out, np.float32),
-  }
+  host_data, train_pool, val_pool = _build_tables(docs, anchor_queries, config, k_split)
   # Hosts holding different inputs would each compute a different "replicated"
   # value, silently; the check costs one hash of the tables per fit.
-  _check_same_inputs({**host_data, "config": np.frombuffer(
+  distributed.check_same_inputs({**host_data, "config": np.frombuffer(
       json.dumps(config.to_dict(), sort_keys=True).encode(), np.uint8)})
   # The tables are small (at most max_rows documents) and every device gathers
   # its batch rows from them, so each device holds a full copy.
-  data = _put(host_data, replicated)
+  data = distributed.put(host_data, replicated)
   graphdef, params = nnx.split(model, nnx.Param)
-  # Process 0's initial parameters (the PCA start is computed on each host, and
-  # hosts with other BLAS builds could differ in the last bits).
-  params = _put(_from_process_0(jax.tree.map(np.asarray, params)), replicated)
+  params = _agreed_params(params, replicated)
   optimizer = optax.adam(config.learning_rate)
   info = {"neighbour_seconds": time.time() - t0, "n_docs": len(docs),
-          "n_query_anchors": 0 if anchor_queries is None else len(anchor_queries),
-          "devices": mesh.size, "processes": jax.process_count()}
-
-  def checkpoints(stage):
-    # Process 0 alone writes checkpoints; `_restore` sends their contents to the others.
-    if checkpoint_dir is None or jax.process_index() != 0:
-      return None
-    return TrainCheckpointer(f"{checkpoint_dir}/{stage}", fingerprint=resume_fp)
-
+          "n_query_anchors": n_anchor_queries, "devices": mesh.size,
+          "processes": jax.process_count()}
   # Resume state records what decides this fit; another fit's state is refused.
   resume_fp = None if checkpoint_dir is None else resume_fingerprint(
       corpus=corpus, queries=queries, qrels=qrels, query_ids=query_ids, corpus_ids=corpus_ids,
       config=config.to_dict())
+  checkpoints = functools.partial(_checkpoints, checkpoint_dir, fingerprint=resume_fp)
 
-  train_pool = (jnp.asarray(doc_tr), None if q_pool[0] is None else jnp.asarray(q_pool[0]))
-
-  def unsup_loss(model_, data_, key_):
-    batch = _draw_unsupervised(key_, data_, config, train_pool)
-    return _unsupervised_loss(model_, data_, batch, config, dims, batch_rows)
-
-  if supervised:
-    val_eval = _retrieval_eval(
-        graphdef, docs, np.asarray(queries[sup_val], np.float32),
-        [query_ids[i] for i in sup_val], doc_ids,
-        {query_ids[i]: qrels[query_ids[i]] for i in sup_val}, dims[0])
-    higher = True
-  else:
-    # Without labels, validation is the training objective on held-out anchors
-    # (fixed batches). A label-free retrieval proxy (agreement of each prefix's
-    # top 10 with the full-size top 10) was tried and rejected: on a few hundred
-    # held-out queries it ranked the PCA start above checkpoints that were much
-    # better on validation nDCG.
-    val_pool = (jnp.asarray(doc_va), None if q_pool[1] is None else jnp.asarray(q_pool[1]))
-    val_keys = jnp.stack([jax.random.fold_in(k_split, 1000 + i) for i in range(_VAL_BATCHES)])
-
-    @jax.jit
-    def _val_loss(params_, data_):
-      model_ = nnx.merge(graphdef, params_)
-
-      def one(vk):
-        batch = _draw_unsupervised(vk, data_, config, val_pool)
-        total, terms = _unsupervised_loss(model_, data_, batch, config, dims, batch_rows)
-        # The score is the ranking objective alone: the orthogonality penalty
-        # is relative to the chosen start, which the start candidates differ in.
-        return total - terms.get("orthogonal", 0.0)
-
-      # lax.map compiles the batch once instead of unrolling it _VAL_BATCHES times.
-      return jnp.mean(jax.lax.map(one, val_keys))
-
-    val_eval = lambda p: float(_val_loss(p, data))
-    higher = False
-
+  train_pool = _device_pool(train_pool)
+  evaluate, higher = _validation(
+      graphdef, data, config, docs=docs, doc_ids=doc_ids, queries=queries, query_ids=query_ids,
+      qrels=qrels, sup_val=sup_val, val_pool=val_pool, key=k_split, batch_rows=batch_rows)
   if starts:
-    # Each closed-form start is scored like any checkpoint; the fit starts from the best.
-    scores = {}
-    for name, (kernel, bias) in starts.items():
-      model.base.kernel.set_value(jnp.asarray(kernel))
-      model.base.bias.set_value(jnp.asarray(bias))
-      candidate = _put(_from_process_0(jax.tree.map(np.asarray, nnx.split(model, nnx.Param)[1])),
-                       replicated)
-      scores[name] = _agreed_score(val_eval(candidate))
-    pick = max if higher else min
-    chosen = pick(scores, key=scores.get)
-    kernel, bias = starts[chosen]
-    model.base.kernel.set_value(jnp.asarray(kernel))
-    model.base.bias.set_value(jnp.asarray(bias))
-    params = _put(_from_process_0(jax.tree.map(np.asarray, nnx.split(model, nnx.Param)[1])),
-                  replicated)
-    data["start_bias"] = _put(np.asarray(bias, np.float32), replicated)
-    info["start"] = {"chosen": chosen, "val": scores}
+    params, data["start_bias"], info["start"] = _choose_start(model, starts, evaluate, higher,
+                                                              replicated)
 
   stages = {}
-  step_fn = _make_step(graphdef, optimizer, unsup_loss, replicated)
-  params, stages["unsupervised"] = _run_stage(
-      "unsupervised", steps=config.steps, step_fn=step_fn, evaluate=val_eval, params=params,
-      opt_state=_put(optimizer.init(params), replicated), data=data, key=k_unsup, config=config,
-      checkpoints=checkpoints("unsupervised"), higher_is_better=higher, quiet=quiet)
+  params, stages["unsupervised"] = _unsupervised_stage(
+      graphdef, optimizer, params, data, config, train_pool=train_pool, evaluate=evaluate,
+      higher_is_better=higher, key=k_unsup, checkpoints=checkpoints, replicated=replicated,
+      batch_rows=batch_rows, quiet=quiet)
+  if qrels is not None and config.supervised_steps:
+    host_sup = _supervised_tables(queries, query_ids, qrels, sup_train, docs, doc_ids, config)
+    params, stages["supervised"] = _supervised_stage(
+        graphdef, optimizer, params, data, host_sup, config, train_pool=train_pool,
+        evaluate=evaluate, key=k_sup, checkpoints=checkpoints, replicated=replicated,
+        batch_rows=batch_rows, quiet=quiet)
 
-  if supervised and config.supervised_steps:
-    pos, grades = _positives_table(qrels, [query_ids[i] for i in sup_train], doc_ids,
-                                   config.max_positives)
-    sup_q = np.asarray(queries[sup_train], np.float32)
-    negatives = _hard_negatives(sup_q, docs, pos, config.negatives_from)
-    host_sup = {"sup_queries": sup_q, "sup_positives": pos, "sup_grades": grades,
-                "sup_negatives": negatives}
-    _check_same_inputs(host_sup)
-    data = {**data, **_put(host_sup, replicated)}
-
-    def sup_loss(model_, data_, key_):
-      k1, k2 = jax.random.split(key_)
-      unsup, terms = _unsupervised_loss(
-          model_, data_, _draw_unsupervised(k1, data_, config, train_pool), config, dims,
-          batch_rows)
-      ranking = _supervised_loss(model_, data_, _draw_supervised(k2, data_, config), config, dims,
-                                 batch_rows)
-      return unsup + config.weights.ranking * ranking, {**terms, "ranking": ranking}
-
-    step_fn = _make_step(graphdef, optimizer, sup_loss, replicated)
-    params, stages["supervised"] = _run_stage(
-        "supervised", steps=config.supervised_steps, step_fn=step_fn, evaluate=val_eval,
-        params=params, opt_state=_put(optimizer.init(params), replicated), data=data, key=k_sup,
-        config=config, checkpoints=checkpoints("supervised"), higher_is_better=True, quiet=quiet)
-
-  nnx.update(model, _local(params))
+  nnx.update(model, distributed.local(params))
   info.update({
-      "supervised": supervised,
+      "supervised": qrels is not None,
       "stages": stages,
       "corpus_fingerprint": fingerprint(corpus),
       "queries_fingerprint": None if queries is None else fingerprint(queries),
@@ -808,6 +571,283 @@ def fit(
   if checkpoint_dir is not None and jax.process_index() == 0 and not keep_resume_state:
     remove_resume_state(checkpoint_dir)  # The fit is complete: a rerun must start afresh.
   return Adaptor(model, train_config=config, info=info)
+
+
+# --------------------------------------------------------------------------- the steps of `fit`
+
+
+def _resolve_config(config: TrainConfig | None, *, seed, dims, overrides: dict) -> TrainConfig:
+  """`config` (default TrainConfig()) with `seed`, `dims` and `overrides` applied, validated."""
+  config = config or TrainConfig()
+  overrides = dict(overrides)
+  if seed is not None:
+    overrides["seed"] = seed
+  if dims is not None:
+    overrides["dims"] = tuple(dims)
+  if overrides:
+    config = dataclasses.replace(config, **overrides)
+  _check_positive(config)
+  return config
+
+
+def _sized_config(config: TrainConfig, *, d_in: int, supervised: bool) -> TrainConfig:
+  """`config` with its sizes decided: d_out, checked dims, and the hidden width."""
+  d_out = config.d_out or d_in
+  dims = check_dims(config.dims or default_dims(d_out), d_out)
+  hidden = config.hidden if config.hidden is not None else (512 if supervised else 0)
+  return dataclasses.replace(config, dims=dims, d_out=d_out, hidden=hidden)
+
+
+def _check_inputs(corpus, queries, qrels, query_ids, corpus_ids):
+  """The checked `queries` (or None); raises InputError on inputs a fit cannot use.
+
+  Args:
+    corpus: the checked document embeddings, with shape [n_docs, d].
+    queries: query embeddings, with shape [n_queries, d], or None.
+  """
+  if queries is not None:
+    queries = check_embeddings(queries, name="queries", dim=corpus.shape[1])
+  if qrels is not None:
+    if queries is None or query_ids is None or corpus_ids is None:
+      raise InputError("supervised fitting (qrels given) needs queries, query_ids and corpus_ids")
+    if len(query_ids) != queries.shape[0]:
+      raise InputError(f"query_ids has {len(query_ids)} ids but queries has {queries.shape[0]} rows")
+    if len(corpus_ids) != corpus.shape[0]:
+      raise InputError(f"corpus_ids has {len(corpus_ids)} ids but corpus has {corpus.shape[0]} rows")
+    check_qrels(qrels, query_ids=query_ids, doc_ids=corpus_ids)
+  return queries
+
+
+def _fit_rows(corpus, corpus_ids, config: TrainConfig, key):
+  """`(docs [n_fit, d] float32, their ids or None)`: the corpus rows used for fitting.
+
+  All of them unless the corpus has more than `config.max_rows` rows; then a
+  sorted sample of `max_rows` drawn with `key`.
+  """
+  n_docs = corpus.shape[0]
+  if n_docs > config.max_rows:
+    rows = np.sort(np.asarray(jax.random.choice(key, n_docs, (config.max_rows,), replace=False)))
+  else:
+    rows = np.arange(n_docs)
+  docs = np.asarray(corpus[rows], np.float32)
+  doc_ids = None if corpus_ids is None else [str(corpus_ids[i]) for i in rows]
+  if config.neighbours >= docs.shape[0]:
+    raise InputError(f"TrainConfig.neighbours must be < the number of documents ({docs.shape[0]}), "
+                     f"got {config.neighbours}")
+  return docs, doc_ids
+
+
+def _anchor_queries(queries, qrels, query_ids, config: TrainConfig, key):
+  """`(anchor queries [n_anchor_queries, d] float32 or None, sup_train, sup_val)`.
+
+  Unlabeled query anchors are all given queries, minus the judged validation
+  queries when `qrels` is given; then `sup_train` and `sup_val` are the rows of
+  `queries` of the judged training and validation queries (split with `key`),
+  otherwise None.
+  """
+  if qrels is not None:
+    judged = np.array([i for i, q in enumerate(query_ids) if q in qrels and qrels[q]])
+    if len(judged) < 2:
+      raise InputError(f"qrels judge {len(judged)} of the given queries; need at least 2")
+    tr, va = _val_split(key, len(judged), config.val_fraction)
+    sup_train, sup_val = judged[tr], judged[va]
+    return np.asarray(queries[sup_train], np.float32), sup_train, sup_val
+  if queries is not None:
+    return np.asarray(queries, np.float32), None, None
+  return None, None, None
+
+
+def _scheduled_config(config: TrainConfig, *, n_docs: int, n_anchor_queries: int) -> TrainConfig:
+  """`config` with `query_fraction` and `steps` decided from the anchor counts when None."""
+  if config.query_fraction is None:
+    config = dataclasses.replace(config, query_fraction=auto_query_fraction(n_anchor_queries))
+  if config.steps is None:
+    config = dataclasses.replace(config, steps=auto_steps(n_docs + n_anchor_queries, config))
+  return config
+
+
+def _build_tables(docs, anchor_queries, config: TrainConfig, key):
+  """`(host tables, train pool, validation pool)` of the unsupervised stage.
+
+  The tables, the `data` every step gathers its batch from (a supervised fit
+  adds `_supervised_tables`' later, once the unsupervised stage is done):
+    docs         [n_docs, d] float32, the fitted corpus rows;
+    anchors      [n_anchors, d] float32, the documents, then the unlabeled queries;
+    anchor_doc   [n_anchors] int32, the document row each anchor is (-1: a query);
+    neighbours   [n_anchors, config.neighbours] int32, each anchor's exact
+                 top documents by full-size cosine, without itself;
+    start_bias   [d_out] float32, the reorder stage's starting bias (zeros
+                 until `_choose_start` picks a start).
+  Each pool is `(document anchor rows, query anchor rows or None)`, host
+  arrays; validation holds out some documents and some queries (split with `key`).
+
+  Args:
+    docs: the fitted corpus rows, with shape [n_docs, d].
+    anchor_queries: unlabeled query anchors, with shape [n_anchor_queries, d], or None.
+  """
+  anchors = docs if anchor_queries is None else np.concatenate([docs, anchor_queries])
+  anchor_doc = np.concatenate([np.arange(len(docs)), np.full(len(anchors) - len(docs), -1)])
+  neighbours = _neighbour_table(anchors, docs, config.neighbours, anchor_doc)
+  doc_tr, doc_va = _val_split(key, len(docs), config.val_fraction)
+  if anchor_queries is not None and len(anchor_queries) >= 2:
+    q_tr, q_va = _val_split(jax.random.fold_in(key, 1), len(anchor_queries), config.val_fraction)
+    q_pool = (len(docs) + q_tr, len(docs) + q_va)
+  else:
+    q_pool = (None, None)
+  host_data = {
+      "docs": docs,
+      "anchors": anchors,
+      "anchor_doc": anchor_doc.astype(np.int32),
+      "neighbours": neighbours.astype(np.int32),
+      "start_bias": np.zeros(config.d_out, np.float32),
+  }
+  return host_data, (doc_tr, q_pool[0]), (doc_va, q_pool[1])
+
+
+def _device_pool(pool):
+  """A pool of `_build_tables` as device arrays, for `_draw_unsupervised`."""
+  docs, queries = pool
+  return jnp.asarray(docs), None if queries is None else jnp.asarray(queries)
+
+
+def _supervised_tables(queries, query_ids, qrels, sup_train, docs, doc_ids, config: TrainConfig):
+  """The host tables the supervised stage adds to `data`:
+
+    sup_queries    [n_train, d] float32, the judged training queries;
+    sup_positives  [n_train, max_positives] int32, their judged-relevant
+                   documents (rows of docs; -1 padding);
+    sup_grades     [n_train, max_positives] int32, those documents' grades;
+    sup_negatives  [n_train, k] int32, each query's top frozen-model
+                   documents that are not judged relevant.
+  """
+  pos, grades = _positives_table(qrels, [query_ids[i] for i in sup_train], doc_ids,
+                                 config.max_positives)
+  sup_q = np.asarray(queries[sup_train], np.float32)
+  negatives = _hard_negatives(sup_q, docs, pos, config.negatives_from)
+  return {"sup_queries": sup_q, "sup_positives": pos, "sup_grades": grades,
+          "sup_negatives": negatives}
+
+
+def _agreed_params(params, replicated):
+  """Process 0's values of `params`, replicated over the mesh.
+
+  The PCA start is computed on each host, and hosts with other BLAS builds
+  could differ in the last bits.
+  """
+  return distributed.put(distributed.from_process_0(jax.tree.map(np.asarray, params)), replicated)
+
+
+def _checkpoints(checkpoint_dir, stage: str, *, fingerprint):
+  """The stage's TrainCheckpointer, or None where this process keeps no checkpoints."""
+  # Process 0 alone writes checkpoints; `distributed.restore` sends their contents to the others.
+  if checkpoint_dir is None or jax.process_index() != 0:
+    return None
+  return TrainCheckpointer(f"{checkpoint_dir}/{stage}", fingerprint=fingerprint)
+
+
+def _validation(graphdef, data, config: TrainConfig, *, docs, doc_ids, queries, query_ids, qrels,
+                sup_val, val_pool, key, batch_rows):
+  """`(evaluate, higher_is_better)`: the validation score of a stage's parameters.
+
+  With qrels, nDCG@10 at the smallest dim on the judged validation queries
+  `sup_val` (rows of `queries`); without, the unsupervised loss on held-out
+  anchors (`val_pool`), in fixed batches drawn from `key`. `data` is read when
+  `evaluate` runs, so it sees the chosen start's bias.
+  """
+  if qrels is not None:
+    evaluate = _retrieval_eval(
+        graphdef, docs, np.asarray(queries[sup_val], np.float32),
+        [query_ids[i] for i in sup_val], doc_ids,
+        {query_ids[i]: qrels[query_ids[i]] for i in sup_val}, config.dims[0])
+    return evaluate, True
+  # Without labels, validation is the training objective on held-out anchors
+  # (fixed batches). A label-free retrieval proxy (agreement of each prefix's
+  # top 10 with the full-size top 10) was tried and rejected: on a few hundred
+  # held-out queries it ranked the PCA start above checkpoints that were much
+  # better on validation nDCG.
+  val_pool = _device_pool(val_pool)
+  val_keys = jnp.stack([jax.random.fold_in(key, 1000 + i) for i in range(_VAL_BATCHES)])
+
+  @jax.jit
+  def val_loss(params_, data_):
+    model_ = nnx.merge(graphdef, params_)
+
+    def one(vk):
+      batch = _draw_unsupervised(vk, data_, config, val_pool)
+      total, terms = _unsupervised_loss(model_, data_, batch, config, config.dims, batch_rows)
+      # The score is the ranking objective alone: the orthogonality penalty
+      # is relative to the chosen start, which the start candidates differ in.
+      return total - terms.get("orthogonal", 0.0)
+
+    # lax.map compiles the batch once instead of unrolling it _VAL_BATCHES times.
+    return jnp.mean(jax.lax.map(one, val_keys))
+
+  return (lambda p: float(val_loss(p, data))), False
+
+
+def _choose_start(model, starts: dict, evaluate, higher_is_better: bool, replicated):
+  """`(params, start bias, info)` of the best-scoring closed-form start; sets it in `model`.
+
+  Each start of `_start_candidates` is scored like any checkpoint, and the fit
+  starts from the best.
+  """
+  scores = {}
+  for name, (kernel, bias) in starts.items():
+    model.base.kernel.set_value(jnp.asarray(kernel))
+    model.base.bias.set_value(jnp.asarray(bias))
+    scores[name] = distributed.agreed_score(
+        evaluate(_agreed_params(nnx.split(model, nnx.Param)[1], replicated)))
+  pick = max if higher_is_better else min
+  chosen = pick(scores, key=scores.get)
+  kernel, bias = starts[chosen]
+  model.base.kernel.set_value(jnp.asarray(kernel))
+  model.base.bias.set_value(jnp.asarray(bias))
+  params = _agreed_params(nnx.split(model, nnx.Param)[1], replicated)
+  start_bias = distributed.put(np.asarray(bias, np.float32), replicated)
+  return params, start_bias, {"chosen": chosen, "val": scores}
+
+
+def _unsupervised_stage(graphdef, optimizer, params, data, config: TrainConfig, *, train_pool,
+                        evaluate, higher_is_better, key, checkpoints, replicated, batch_rows,
+                        quiet):
+  """`(best params, summary)` of the unsupervised stage (see `_run_stage`)."""
+  def loss(model_, data_, key_):
+    batch = _draw_unsupervised(key_, data_, config, train_pool)
+    return _unsupervised_loss(model_, data_, batch, config, config.dims, batch_rows)
+
+  step_fn = _make_step(graphdef, optimizer, loss, replicated)
+  return _run_stage(
+      "unsupervised", steps=config.steps, step_fn=step_fn, evaluate=evaluate, params=params,
+      opt_state=distributed.put(optimizer.init(params), replicated), data=data, key=key,
+      config=config, checkpoints=checkpoints("unsupervised"), higher_is_better=higher_is_better,
+      quiet=quiet)
+
+
+def _supervised_stage(graphdef, optimizer, params, data, host_sup, config: TrainConfig, *,
+                      train_pool, evaluate, key, checkpoints, replicated, batch_rows, quiet):
+  """`(best params, summary)` of the supervised stage, on `data` plus `host_sup`.
+
+  Each step adds a supervised batch's ranking loss to an unsupervised batch's
+  loss, so the fit keeps what the unsupervised stage taught.
+  """
+  distributed.check_same_inputs(host_sup)
+  data = {**data, **distributed.put(host_sup, replicated)}
+
+  def loss(model_, data_, key_):
+    k1, k2 = jax.random.split(key_)
+    unsup, terms = _unsupervised_loss(
+        model_, data_, _draw_unsupervised(k1, data_, config, train_pool), config, config.dims,
+        batch_rows)
+    ranking = _supervised_loss(model_, data_, _draw_supervised(k2, data_, config), config,
+                               config.dims, batch_rows)
+    return unsup + config.weights.ranking * ranking, {**terms, "ranking": ranking}
+
+  step_fn = _make_step(graphdef, optimizer, loss, replicated)
+  return _run_stage(
+      "supervised", steps=config.supervised_steps, step_fn=step_fn, evaluate=evaluate,
+      params=params, opt_state=distributed.put(optimizer.init(params), replicated), data=data,
+      key=key, config=config, checkpoints=checkpoints("supervised"), higher_is_better=True,
+      quiet=quiet)
 
 
 def _start_candidates(config: TrainConfig, docs, queries, d_out: int, key) -> dict:

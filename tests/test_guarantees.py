@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import adaptor
-from adaptor import checkpoint, train
+from adaptor import checkpoint, distributed, train
 from adaptor.cli import main
 
 D = 16
@@ -295,7 +295,7 @@ class _Armed:
       return lambda *a: self._hit("step", step, *a)
     monkeypatch.setattr(train, "_make_step", make_step)
     for phase, module, name in (("neighbours", train, "_neighbour_table"),
-                                ("validation", train, "_agreed_score"),
+                                ("validation", distributed, "agreed_score"),
                                 ("save", checkpoint, "save")):
       real = getattr(module, name)
       monkeypatch.setattr(module, name,
