@@ -266,10 +266,8 @@ class BudgetPlan:
 
   def config(self) -> dict:
     """What `index build --config` needs: the stores and the default schedule."""
-    return {"format": _CONFIG_FORMAT, "format_version": _CONFIG_VERSION, "d": self.d, "k": self.k,
-            "adaptor_fingerprint": self.adaptor_fingerprint,
-            "stores": self.chosen.to_dict()["stores"],
-            "schedule": [list(s) for s in self.chosen.schedule]}
+    return plan_config(d=self.d, k=self.k, adaptor_fingerprint=self.adaptor_fingerprint,
+                       stores=self.chosen.to_dict()["stores"], schedule=self.chosen.schedule)
 
   def to_dict(self) -> dict:
     out = self.config()
@@ -474,6 +472,24 @@ def plan_budget(index, query_embeddings, *, k: int = 10, qrels=None, query_ids=N
 
 
 # ---------------------------------------------------------------- config files
+
+
+def plan_config(*, d: int, k: int, adaptor_fingerprint, stores, schedule) -> dict:
+  """The header every plan file starts with, and all that `read_config` needs.
+
+  Both planners write it (the budget planner here, the recall-target planner
+  through `index plan --out`), so either file builds an index.
+
+  Args:
+    d: the adapted size the plan is for.
+    k: results per query.
+    adaptor_fingerprint: `index.adaptor_fingerprint` of the adaptor, or None.
+    stores: quantised stores to build, as [{"precision", "dims"}].
+    schedule: the default funnel, (dim, keep[, precision]) stages.
+  """
+  return {"format": _CONFIG_FORMAT, "format_version": _CONFIG_VERSION, "d": int(d), "k": int(k),
+          "adaptor_fingerprint": adaptor_fingerprint, "stores": list(stores),
+          "schedule": [list(s) for s in schedule]}
 
 
 def write_config(plan: BudgetPlan, path) -> None:

@@ -216,6 +216,11 @@ def test_cli_build_search_plan_on_shipped_data(tmp_path, capsys):
   assert "recall@10 vs full exact" in capsys.readouterr().out
   plan = json.loads((tmp_path / "p.json").read_text())
   assert plan["recall"] >= 0.99 and plan["schedule"][-1] == [384, 10]
+  # The plan builds an index whose default schedule is the planned one.
+  assert _cli(["index", "build", "--corpus", str(EMB / "corpus.npy"), "--precision", "float16",
+               "--config", str(tmp_path / "p.json"), "--out", str(tmp_path / "planned")]) == 0
+  planned = adaptor.MatryoshkaIndex.load(tmp_path / "planned")
+  assert [list(s[:2]) for s in planned.schedule] == plan["schedule"]
 
 
 def test_cli_bad_input_exits_2(tmp_path, capsys):

@@ -87,7 +87,12 @@ def _cmd_plan(args):
         f"est. {plan.cost:.3g} ms/query on the reference CPU ({plan.speedup:.1f}x cheaper than "
         f"full-size exact at {plan.corpus_size} docs; {len(plan.candidates)} candidates tried)")
   if args.out:
-    write_json(plan.to_dict(), args.out)
+    # The plan file's header makes it an `index build --config` input, as the budget plan is.
+    from adaptor.budget import plan_config
+    header = plan_config(
+        d=index.d, k=args.k, stores=[], schedule=plan.schedule,
+        adaptor_fingerprint=None if index.adaptor is None else adaptor_fingerprint(index.adaptor))
+    write_json({**header, **plan.to_dict()}, args.out)
     print(f"wrote {args.out}")
 
 
