@@ -1,5 +1,6 @@
 """Shared fixtures."""
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -77,3 +78,28 @@ def kill_seed() -> int:
   seed = int(os.environ.get("ADAPTOR_KILL_SEED", "0"))
   print(f"kill seed {seed} (rerun with ADAPTOR_KILL_SEED={seed})")
   return seed
+
+
+@contextlib.contextmanager
+def interrupted_at_step(monkeypatch, at_call: int):
+  """Within the block, the fit's `at_call`-th training step raises KeyboardInterrupt.
+
+  Wraps `train._make_step`, so the steps before it run (and checkpoint) as usual.
+  """
+  from adaptor import train
+  real_make_step = train._make_step
+  calls = {"n": 0}
+
+  def make_failing_step(*args):
+    step = real_make_step(*args)
+
+    def wrapped(*a):
+      calls["n"] += 1
+      if calls["n"] == at_call:
+        raise KeyboardInterrupt
+      return step(*a)
+    return wrapped
+
+  with monkeypatch.context() as m:
+    m.setattr(train, "_make_step", make_failing_step)
+    yield

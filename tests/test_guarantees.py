@@ -16,6 +16,7 @@ import pytest
 import adaptor
 from adaptor import checkpoint, distributed, train
 from adaptor.cli import main
+from conftest import interrupted_at_step
 
 D = 16
 RNG = np.random.default_rng(0)
@@ -37,23 +38,8 @@ def _fit(corpus=DOCS, **kw):
 
 def _interrupted_fit(monkeypatch, resume_dir, *, at_call=13, **kw):
   """A fit stopped by KeyboardInterrupt after the step checkpoint at step 10."""
-  real_make_step = train._make_step
-  calls = {"n": 0}
-
-  def make_failing_step(*args):
-    step = real_make_step(*args)
-
-    def wrapped(*a):
-      calls["n"] += 1
-      if calls["n"] == at_call:
-        raise KeyboardInterrupt
-      return step(*a)
-    return wrapped
-
-  with monkeypatch.context() as m:
-    m.setattr(train, "_make_step", make_failing_step)
-    with pytest.raises(KeyboardInterrupt):
-      _fit(checkpoint_dir=resume_dir, **kw)
+  with interrupted_at_step(monkeypatch, at_call), pytest.raises(KeyboardInterrupt):
+    _fit(checkpoint_dir=resume_dir, **kw)
   assert checkpoint.TrainCheckpointer(resume_dir / "unsupervised").latest() == 10
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import adaptor
-from adaptor import train
+from conftest import interrupted_at_step
 
 D = 16
 RNG = np.random.default_rng(0)
@@ -47,23 +47,9 @@ def test_training_lowers_held_out_loss_below_the_pca_start():
 
 def test_interrupted_fit_resumes_to_identical_parameters(tmp_path, monkeypatch):
   reference = _fit(seed=3)
-  real_make_step = train._make_step
-  calls = {"n": 0}
-
-  def make_failing_step(*args):
-    step = real_make_step(*args)
-
-    def wrapped(*a):
-      calls["n"] += 1
-      if calls["n"] == 13:  # After the checkpoint at step 10.
-        raise KeyboardInterrupt
-      return step(*a)
-    return wrapped
-
-  monkeypatch.setattr(train, "_make_step", make_failing_step)
-  with pytest.raises(KeyboardInterrupt):
+  # The 13th step call comes after the checkpoint at step 10.
+  with interrupted_at_step(monkeypatch, 13), pytest.raises(KeyboardInterrupt):
     _fit(seed=3, checkpoint_dir=tmp_path / "resume")
-  monkeypatch.setattr(train, "_make_step", real_make_step)
   assert adaptor.checkpoint.TrainCheckpointer(tmp_path / "resume" / "unsupervised").latest() == 10
   resumed = _fit(seed=3, checkpoint_dir=tmp_path / "resume")
   for x, y in zip(_params(reference), _params(resumed)):
