@@ -167,15 +167,32 @@ def pca_basis(x, *, center: bool = False, max_rows: int = 200_000,
   return (comps * signs).astype(np.float32), mean.astype(np.float32)
 
 
+def pca_reorder(x, d_out: int, *, center: bool = False,
+                key: jax.Array | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """The reorder stage that projects onto the top `d_out` principal directions of `x`.
+
+  Args:
+    x: embeddings, with shape [n, d_in]; may be a memmap.
+    d_out: directions kept.
+    center: centred PCA (the bias then subtracts the mean) or uncentred.
+    key: PRNG key for `pca_basis`'s row sample.
+
+  Returns:
+    (kernel [d_in, d_out], bias [d_out]), so that the stage is `x @ kernel + bias`.
+  """
+  comps, mean = pca_basis(x, center=center, key=key)
+  kernel = comps[:, :d_out]
+  return kernel, -mean @ kernel
+
+
 def init_reorder_from_pca(model: MatryoshkaAdaptor, x, *, center: bool = False,
                           key: jax.Array | None = None) -> None:
   """Sets the reorder stage to project onto the top d_out principal directions of `x`."""
   if model.base is None:
     raise ValueError("init_reorder_from_pca needs an adaptor built with reorder=True")
-  comps, mean = pca_basis(x, center=center, key=key)
-  kernel = comps[:, : model.config.d_out]
+  kernel, bias = pca_reorder(x, model.config.d_out, center=center, key=key)
   model.base.kernel.set_value(jnp.asarray(kernel))
-  model.base.bias.set_value(jnp.asarray(-mean @ kernel))
+  model.base.bias.set_value(jnp.asarray(bias))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "dim", "dtype"))

@@ -57,7 +57,7 @@ from adaptor import distributed, interrupts, losses
 from adaptor.checkpoint import TrainCheckpointer, remove_resume_state, resume_fingerprint
 from adaptor.data import InputError, check_embeddings, check_qrels, fingerprint
 from adaptor.metrics import evaluate_topk
-from adaptor.model import MatryoshkaAdaptor, apply_adaptor, check_dims, default_dims, pca_basis
+from adaptor.model import MatryoshkaAdaptor, apply_adaptor, check_dims, default_dims, pca_reorder
 from adaptor.search import exact_search
 
 
@@ -858,9 +858,7 @@ def _start_candidates(config: TrainConfig, docs, queries, d_out: int, key) -> di
   documents and queries puts first what queries vary in too.
   """
   def pca(x, center):
-    comps, mean = pca_basis(x, center=center, key=key)
-    kernel = comps[:, :d_out]
-    return kernel, -mean @ kernel
+    return pca_reorder(x, d_out, center=center, key=key)
 
   makers = {"pca-docs": lambda: pca(docs, False),
             "pca-centred": lambda: pca(docs, True)}
