@@ -11,7 +11,7 @@ from adaptor import checkpoint
 from adaptor.checkpoint import CheckpointError
 from adaptor.data import check_embeddings
 from adaptor.model import AdaptorConfig, MatryoshkaAdaptor, apply_adaptor, warn_untrained_dim
-from adaptor.search import check_dim
+from adaptor.checks import check_dim
 
 
 class Adaptor:

@@ -81,7 +81,7 @@ from adaptor.data import (
   check_embeddings,
 )
 from adaptor.model import apply_adaptor
-from adaptor.search import check_dim, check_positive
+from adaptor.checks import check_dim, check_positive
 
 DTYPES = ("float32", "float16")
 _KINDS = {".npy": "npy", ".parquet": "parquet"}

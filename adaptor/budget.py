@@ -49,7 +49,8 @@ import numpy as np
 
 from adaptor import quant
 from adaptor.data import InputError, atomic_file, check_embeddings
-from adaptor.search import check_k
+from adaptor.checks import check_dim, check_k
+from adaptor.search import check_schedule, format_schedule
 
 CONVENTIONS = ("first-stage", "all")
 _CONFIG_FORMAT = "matryoshka-plan"
@@ -90,7 +91,7 @@ class Grid:
       return tuple(dims) + (d,)
     dims = tuple(sorted({int(m) for m in self.dims}))
     for m in dims:
-      quant.search_lib.check_dim(m, d, name="grid dims")
+      check_dim(m, d, name="grid dims")
     return dims
 
 
@@ -171,7 +172,7 @@ class Candidate:
 
   @property
   def label(self) -> str:
-    return quant.format_schedule(self.schedule)
+    return format_schedule(self.schedule)
 
   def bytes(self, convention: str) -> float:
     return self.memory_bytes if convention == "first-stage" else self.stored_bytes
@@ -182,12 +183,6 @@ class Candidate:
             "quality": self.quality, "relative": self.relative,
             "ms_per_query": self.ms_per_query,
             "stores": [{"precision": p, "dims": m} for p, m in stores_for(self.schedule)]}
-
-  @classmethod
-  def from_dict(cls, d: dict) -> "Candidate":
-    return cls(schedule=tuple(tuple(s) for s in d["schedule"]), memory_bytes=d["memory_bytes"],
-               stored_bytes=d["stored_bytes"], quality=d["quality"], relative=d["relative"],
-               ms_per_query=d["ms_per_query"])
 
 
 def pareto_front(candidates, convention: str = "first-stage") -> list[int]:
@@ -434,9 +429,9 @@ def plan_budget(index, query_embeddings, *, k: int = 10, qrels=None, query_ids=N
     if sizes[small][key] > bytes_per_vector + 1e-9:
       raise InputError(f"bytes_per_vector must allow at least one configuration: the smallest "
                        f"needs {sizes[small][key]:g} bytes/vector "
-                       f"({quant.format_schedule(schedules[small])}, convention {convention}), "
+                       f"({format_schedule(schedules[small])}, convention {convention}), "
                        f"got {bytes_per_vector:g}")
-  work = index._view()
+  work = index.view()
   needed = {st for sch in schedules for st in stores_for(sch)}
   binary = [m for p, m in needed if p == "binary"]
   if binary:  # One binary store serves every shorter binary prefix.
@@ -451,7 +446,7 @@ def plan_budget(index, query_embeddings, *, k: int = 10, qrels=None, query_ids=N
                           time_queries=time_queries)
     candidates.append([schedule, size["first_stage"], size["stored"], qual, ms])
     if progress is not None:
-      progress(f"{quant.format_schedule(schedule)}: quality {qual:.4f}, {ms:.3f} ms/query "
+      progress(f"{format_schedule(schedule)}: quality {qual:.4f}, {ms:.3f} ms/query "
                f"({len(candidates)}/{len(schedules)})")
   full = next(c[3] for c in candidates if c[0] == ((d, k, "float32"),))
   if not full > 0:
@@ -516,7 +511,7 @@ def read_config(path) -> dict:
   if missing:
     raise InputError(f"{path}: expected keys d, stores and schedule, missing {missing}")
   try:
-    quant.check_schedule(config["schedule"], int(config["d"]))
+    check_schedule(config["schedule"], int(config["d"]))
     stores = [(st["precision"], int(st["dims"])) for st in config["stores"]]
   except (ValueError, TypeError, KeyError) as e:
     raise InputError(f"{path}: bad stores or schedule: {e}") from None

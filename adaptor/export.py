@@ -37,7 +37,7 @@ import numpy as np
 from adaptor._version import __version__
 from adaptor import portable
 from adaptor.data import InputError
-from adaptor.search import check_dim
+from adaptor.checks import check_dim
 
 FORMATS = ("safetensors", "onnx")
 ONNX_OPSET = 18
@@ -124,7 +124,7 @@ def onnx_model(tensors: dict[str, np.ndarray], meta: dict[str, str]):
     g = node("Mul", [h, cdf], "gelu")
     f = node("Add", [node("MatMul", [g, "out.kernel"], "out_mm"), "out.bias"], "mlp")
     y = node("Add", [y, f], "adapted")
-  # Row norms; rows below NORM_EPS become zero vectors, as in adaptor.search.l2_normalize.
+  # Row norms; rows below NORM_EPS become zero vectors, as in adaptor.truncation.l2_normalize.
   inits.append(numpy_helper.from_array(np.asarray([1], np.int64), "norm_axes"))
   const("eps2", portable.NORM_EPS**2)
   const("zero", 0.0)

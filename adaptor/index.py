@@ -57,7 +57,10 @@ import jax
 import numpy as np
 
 from adaptor._version import __version__
-from adaptor import checkpoint, quant, search as search_lib
+from adaptor import checkpoint, quant
+from adaptor.checks import check_dim, check_k, check_positive
+from adaptor.search import SearchArrays, check_schedule, format_schedule, schedule_cost
+from adaptor.truncation import aligned_empty, prefix_inv_norms, truncate
 # Renamed: MatryoshkaIndex's methods take an argument called `adaptor`.
 from adaptor.api import load as load_adaptor
 from adaptor.data import (InputError, as_id_list, atomic_file, check_embeddings, check_ids,
@@ -74,10 +77,6 @@ _MARKER = "COMPLETE"
 VECTOR_DTYPES = {"float32": np.float32, "float16": np.float16}
 # Rows adapted, normalised and copied at a time when building or adding.
 _BUILD_ROWS = 65536
-# Float funnels whose first stage reads at most max(this, d / 8) dims scan a
-# contiguous normalised copy of that prefix (see MatryoshkaIndex._first_stage).
-_FIRST_STAGE_MIN = 32
-_aligned_empty = search_lib.aligned_empty
 
 
 def adaptor_fingerprint(model) -> str:
@@ -134,27 +133,27 @@ class MatryoshkaIndex:
 
   def __init__(self, vectors, ids, *, adaptor=None, precision="float32", inv_norms=None,
                block_size=None, stores=None, schedule=None):
-    self.vectors = vectors
+    # What searches read: the vectors, prefix norms, stores and first-stage
+    # copies, with their device copies (search.SearchArrays).
+    self._arrays = SearchArrays(vectors, inv_norms=inv_norms, stores=stores)
     self.ids = ids
     self.adaptor = adaptor
     self.precision = precision
     self.block_size = block_size
-    self._inv_norms = dict(inv_norms or {})
-    self._stores = dict(stores or {})
     self.schedule = None
     if schedule is not None:
-      self.schedule = quant.check_schedule(schedule, self.d, n_docs=self.n)
+      self.schedule = check_schedule(schedule, self.d, n_docs=self.n)
     self._row_of = None
-    self._device = None
-    # Derived arrays, made on first use: ("norms", m) inverse prefix norms on
-    # the device, ("prefix", m) normalised first-stage copies on the device
-    # and ("prefix-host", m) the host arrays they alias (see _first_stage).
-    self._derived = {}
     self._pool = None   # A running pool.SearchPool, or None.
     self._load_shared = None   # Arrays `load` read into shared memory for the workers.
     self._lock = threading.RLock()  # See "Threads" above.
 
   # ------------------------------------------------------------ properties
+
+  @property
+  def vectors(self) -> np.ndarray:
+    """[n, d] unit-norm rows (float32 or float16)."""
+    return self._arrays.vectors
 
   @property
   def n(self) -> int:
@@ -171,25 +170,26 @@ class MatryoshkaIndex:
   @property
   def dims(self) -> tuple[int, ...]:
     """The prefixes whose inverse norms are stored."""
-    return tuple(sorted(self._inv_norms))
+    return tuple(sorted(self._arrays.inv_norms))
 
   @property
   def nbytes(self) -> int:
     """Bytes held by the vectors, prefix norms, quantised stores and first-stage copies."""
-    return (self.vectors.nbytes + sum(v.nbytes for v in self._inv_norms.values())
-            + sum(st.nbytes for st in self._stores.values())
-            + sum(v.nbytes for key, v in self._derived.items() if key[0] == "prefix"))
+    a = self._arrays
+    return (a.vectors.nbytes + sum(v.nbytes for v in a.inv_norms.values())
+            + sum(st.nbytes for st in a.stores.values())
+            + sum(v.nbytes for v in a.prefixes.values()))
 
   @property
   def stores(self) -> dict:
     """{(precision, dims): store} of the quantised stores, in (precision, dims) order."""
-    return dict(sorted(self._stores.items()))
+    return dict(sorted(self._arrays.stores.items()))
 
   def __len__(self):
     return self.n
 
   def __repr__(self):
-    stores = "".join(f", {p}:{m}" for p, m in sorted(self._stores))
+    stores = "".join(f", {p}:{m}" for p, m in sorted(self._arrays.stores))
     return (f"MatryoshkaIndex(n={self.n}, d={self.d}, precision={self.precision!r}, "
             f"adaptor={'yes' if self.adaptor is not None else 'none'}, dims={list(self.dims)}"
             f"{', stores=[' + stores[2:] + ']' if stores else ''})")
@@ -228,18 +228,19 @@ class MatryoshkaIndex:
     x = check_embeddings(corpus_embeddings, name=name, dim=d_in)
     if adaptor is not None and x.shape[1] != adaptor.d_in:
       raise InputError(f"{name} must have d={adaptor.d_in} (the adaptor's d_in), got {x.shape}")
-    index = cls(_aligned_empty((0, adaptor.d_out if adaptor else x.shape[1]),
-                               VECTOR_DTYPES[precision]), [], adaptor=adaptor,
+    index = cls(aligned_empty((0, adaptor.d_out if adaptor else x.shape[1]),
+                              VECTOR_DTYPES[precision]), [], adaptor=adaptor,
                 precision=precision,
-                block_size=None if block_size is None else search_lib.check_positive(block_size, "block_size"))
+                block_size=None if block_size is None else check_positive(block_size, "block_size"))
     wanted = _store_specs(stores, index.d)  # Checked before the corpus is adapted.
-    index.vectors, index.ids = index._prepared(x, ids, name=name, ids_name="ids")
+    vectors, index.ids = index._prepared(x, ids, name=name, ids_name="ids")
+    index._arrays = SearchArrays(vectors)
     for m in (_default_dims(index.d, adaptor) if dims is None else dims):
       index.prefix_inv_norms(m)
     for p, m in wanted:
       index.add_store(p, m, calibration_rows=calibration_rows, key=key)
     if schedule is not None:
-      index.schedule = quant.check_schedule(schedule, index.d, n_docs=index.n)
+      index.schedule = check_schedule(schedule, index.d, n_docs=index.n)
       index._store_for_schedule(index.schedule)
     return index
 
@@ -265,42 +266,33 @@ class MatryoshkaIndex:
       raise InputError(f"store precision must be one of {list(quant.QUANTISED)} (float32 is the "
                        f"index's own vectors), got {precision!r}")
     dims = quant.check_store_dims(precision, dims, self.d, name=f"{precision} store dims")
-    if (precision, dims) not in self._stores:
+    stores = self._arrays.stores
+    if (precision, dims) not in stores:
       if precision == "binary":
         store = quant.BinaryStore.build(self.vectors, dims)
       else:
         store = quant.Int8Store.build(self.vectors, dims, calibration_rows=calibration_rows, key=key)
-      self._stores[(precision, dims)] = store
+      stores[(precision, dims)] = store
       self._restart_workers()
-    return self._stores[(precision, dims)]
+    return stores[(precision, dims)]
 
   def store_for(self, precision: str, dim: int):
     """The smallest store of `precision` holding the `dim`-prefix; InputError if none does."""
-    found = [m for p, m in self._stores if p == precision and m >= dim]
-    if not found:
-      have = ", ".join(f"{p} {m}" for p, m in sorted(self._stores)) or "none"
-      raise InputError(f"no {precision} store holds a {dim}-dim prefix: expected a {precision} "
-                       f"store with dims >= {dim}, the index has stores [{have}] (add one with "
-                       f"index.add_store({precision!r}, {dim}))")
-    return self._stores[(precision, min(found))]
+    return self._arrays.store_for(precision, dim)
 
   def _store_for_schedule(self, stages) -> None:
     for m, _, p in stages:
       if p != "float32":
         self.store_for(p, m)
 
-  def _stage_data(self, precision: str, dim: int):
-    """The arrays a funnel stage reads (see quant.first_stage)."""
-    if precision == "float32":
-      return (self._corpus(), self._device_norms(dim))
-    return self.store_for(precision, dim).stage_data(dim)
-
-  def _view(self) -> "MatryoshkaIndex":
-    """A new index sharing this one's arrays; stores added to it are its own."""
-    view = MatryoshkaIndex(self.vectors, self.ids, adaptor=self.adaptor, precision=self.precision,
-                           inv_norms=self._inv_norms, block_size=self.block_size,
-                           stores=self._stores, schedule=self.schedule)
-    view._device, view._row_of, view._derived = self._device, self._row_of, self._derived
+  def view(self) -> "MatryoshkaIndex":
+    """A new index sharing this one's vectors, ids, norms and stores; stores added to it are its own."""
+    a = self._arrays
+    view = MatryoshkaIndex(a.vectors, self.ids, adaptor=self.adaptor, precision=self.precision,
+                           inv_norms=a.inv_norms, block_size=self.block_size, stores=a.stores,
+                           schedule=self.schedule)
+    view._arrays.prefixes = a.prefixes   # Shared: made once, by whichever searches first.
+    view._row_of = self._row_of
     return view
 
   def _prepared(self, x, ids, *, name, ids_name, first_id: int = 0):
@@ -314,7 +306,7 @@ class MatryoshkaIndex:
       if taken:
         raise InputError(f"{ids_name} must be new, got {len(taken)} ids already in the index "
                          f"(first {taken[:5]})")
-    out = _aligned_empty((self.n + n_new, self.d), self.vectors.dtype)
+    out = aligned_empty((self.n + n_new, self.d), self.vectors.dtype)
     out[:self.n] = self.vectors
     for start in range(0, n_new, _BUILD_ROWS):
       part = x[start:start + _BUILD_ROWS]
@@ -338,14 +330,13 @@ class MatryoshkaIndex:
     old_n = self.n
     vectors, ids = self._prepared(x, ids, name=name, ids_name="ids", first_id=old_n)
     new_rows = vectors[old_n:]
-    norms = {m: np.concatenate([v, search_lib.prefix_inv_norms(new_rows, m)])
-             for m, v in self._inv_norms.items()}
+    norms = {m: np.concatenate([v, prefix_inv_norms(new_rows, m)])
+             for m, v in self._arrays.inv_norms.items()}
     # Stores code the new rows with their saved calibration.
-    stores = {key: st.extended(new_rows) for key, st in self._stores.items()}
-    self.vectors, self.ids, self._inv_norms, self._stores = vectors, ids, norms, stores
+    stores = {key: st.extended(new_rows) for key, st in self._arrays.stores.items()}
+    self._arrays = SearchArrays(vectors, inv_norms=norms, stores=stores)
+    self.ids = ids
     self._row_of = None
-    self._device = None
-    self._derived = {}
     self._restart_workers()
 
   def _restart_workers(self) -> None:
@@ -374,55 +365,12 @@ class MatryoshkaIndex:
   def get_vectors(self, ids, *, dim: int | None = None) -> np.ndarray:
     """The stored vectors [len(ids), dim] of documents, re-normalised at `dim`."""
     rows = self.rows(ids)
-    dim = self.d if dim is None else search_lib.check_dim(dim, self.d)
-    return np.asarray(search_lib.truncate(np.asarray(self.vectors[rows], np.float32), dim))
+    dim = self.d if dim is None else check_dim(dim, self.d)
+    return np.asarray(truncate(np.asarray(self.vectors[rows], np.float32), dim))
 
   def prefix_inv_norms(self, dim: int) -> np.ndarray:
     """Inverse norms [n] of the stored `dim`-prefixes, computed once and kept."""
-    dim = search_lib.check_dim(dim, self.d)
-    if dim not in self._inv_norms:
-      self._inv_norms[dim] = search_lib.prefix_inv_norms(self.vectors, dim)
-    return self._inv_norms[dim]
-
-  def _corpus(self):
-    if self._device is None:
-      self._device = jax.device_put(self.vectors)  # Aliases the aligned buffer on CPU.
-    return self._device
-
-  def _device_norms(self, dim: int) -> jax.Array:
-    """`prefix_inv_norms(dim)` on the device, copied there once."""
-    key = ("norms", dim)
-    if key not in self._derived:
-      self._derived[key] = jax.device_put(self.prefix_inv_norms(dim))
-    return self._derived[key]
-
-  def _first_stage(self, dim: int):
-    """The normalised contiguous `dim`-prefix a float funnel's first stage scans.
-
-    Made on first use and kept (n * dim float32s), for prefixes up to
-    max(32, d / 8) dims; None for longer ones, whose first stage reads the
-    full-size rows (a copy would cost more memory than it saves time).
-    """
-    if dim > max(_FIRST_STAGE_MIN, self.d // 8):
-      return None
-    key = ("prefix", dim)
-    if key not in self._derived:
-      alloc = _aligned_empty if self._pool is None else self._pool.shared.empty
-      host = search_lib.normalized_prefix(self.vectors, dim, inv_norms=self.prefix_inv_norms(dim),
-                                          out=alloc((self.n, dim), np.float32))
-      self._derived[("prefix-host", dim)] = host
-      self._derived[key] = jax.device_put(host)
-    return self._derived[key]
-
-  def _worker_needs(self, dim: int | None, stages) -> dict:
-    """{key: host array} a search reads beyond the vectors and stores (see pool.SearchPool)."""
-    float_dims = [dim] if stages is None else [m for m, _, p in stages if p == "float32"]
-    needs = {("norms", m): self.prefix_inv_norms(m) for m in float_dims}
-    if stages is not None and all(p == "float32" for _, _, p in stages):
-      m = stages[0][0]
-      if self._first_stage(m) is not None:
-        needs[("prefix", m)] = self._derived[("prefix-host", m)]
-    return needs
+    return self._arrays.norms(dim)
 
   # ------------------------------------------------------------ workers
 
@@ -430,6 +378,16 @@ class MatryoshkaIndex:
   def workers(self) -> int:
     """How many worker processes search this index (0: it searches in this process)."""
     return 0 if self._pool is None else self._pool.workers
+
+  @property
+  def worker_pids(self) -> list[int]:
+    """The process ids of the worker processes (empty: it searches in this process)."""
+    return [] if self._pool is None else self._pool.pids
+
+  @property
+  def worker_cpus(self) -> list[int]:
+    """The CPU each worker process is pinned to, in the order of `worker_pids`."""
+    return [] if self._pool is None else list(self._pool.cpus)
 
   def start_workers(self, workers: int | None = None) -> None:
     """Searches from now on run in `workers` processes, one per CPU (see adaptor/pool.py).
@@ -444,7 +402,8 @@ class MatryoshkaIndex:
     """
     from adaptor import pool
     self.stop_workers()
-    self._pool = pool.SearchPool(self, workers, shared=self._load_shared)
+    self._pool = pool.SearchPool(self._arrays, workers, shared=self._load_shared)
+    self._arrays = self._pool.arrays   # The same arrays, now in shared memory.
     self._load_shared = None
 
   def stop_workers(self) -> None:
@@ -481,46 +440,62 @@ class MatryoshkaIndex:
       q = check_embeddings(query_embeddings, name="query_embeddings", dim=self.d)
     else:
       q = self.prepare_queries(query_embeddings)
-    k = search_lib.check_k(k, self.n, what="the index size")
-    block = self.block_size  # None: sized by dim (search.default_sizes).
+    k = check_k(k, self.n, what="the index size")
     if schedule is None and dim is None and precision is None and self.schedule is not None:
       if self.schedule[-1][1] < k:
         raise ValueError(f"k={k} exceeds the last keep {self.schedule[-1][1]} of the index's "
-                         f"default schedule {quant.format_schedule(self.schedule)}; pass dim= or "
+                         f"default schedule {format_schedule(self.schedule)}; pass dim= or "
                          f"schedule= to search otherwise")
       schedule = self.schedule
-    if schedule is None:
-      dim = self.d if dim is None else search_lib.check_dim(dim, self.d)
-      stages = (None if precision in (None, "float32") else
-                quant.check_schedule([(dim, k, precision)], self.d, n_docs=self.n, k=k))
+    if schedule is None:   # Exact search: the one-stage schedule.
+      dim = self.d if dim is None else check_dim(dim, self.d)
+      stages = check_schedule([(dim, k, precision or "float32")], self.d, n_docs=self.n, k=k)
     else:
-      stages = quant.check_schedule(schedule, self.d, n_docs=self.n, k=k)
+      stages = check_schedule(schedule, self.d, n_docs=self.n, k=k)
+    self._store_for_schedule(stages)
+    # Float funnels scan a contiguous copy of their first prefix (kept); exact
+    # search reads the full-size rows, so a search at one dim copies nothing.
+    how = {"block_size": self.block_size, "query_batch": query_batch,
+           "copy": schedule is not None and all(p == "float32" for _, _, p in stages)}
+    q = np.asarray(q, np.float32)
     if self._pool is not None:
-      if stages is not None:
-        self._store_for_schedule(stages)
       try:
-        return self._pool.search_rows(self, np.asarray(q, np.float32), k,
-                                      needs=self._worker_needs(dim, stages),
-                                      dim=dim if stages is None else None, schedule=stages,
-                                      query_batch=query_batch)
+        return self._pool.search(q, stages, k, **how)
       except BaseException:
-        if self._pool._closed:   # A worker died: later searches run here.
+        if self._pool.closed:   # A worker died: later searches run here.
           self._pool = None
         raise
-    if stages is None:
-      return search_lib.search(q, self._corpus(), k, dim=dim, block_size=block,
-                               query_batch=query_batch, inv_norms=self._device_norms(dim))
-    if all(p == "float32" for _, _, p in stages):
-      pairs = tuple((m, c) for m, c, _ in stages)
-      norms = {m: self._device_norms(m) for m, _ in pairs}
-      return search_lib.funnel_search(q, self._corpus(), pairs, k=k, inv_norms=norms,
-                                      block_size=block, query_batch=query_batch,
-                                      first_stage=self._first_stage(pairs[0][0]))
-    block, query_batch = search_lib.default_sizes(stages[0][0], self.n, q.shape[0], block_size=block,
-                                                  query_batch=query_batch,
-                                                  quantised=stages[0][2] != "float32")
-    return quant.funnel(np.asarray(q, np.float32), stages, self._stage_data, k=k,
-                        block_size=block, query_batch=query_batch)
+    return self._arrays.search(q, stages, k, **how)
+
+  @_exclusive
+  def rerank_rows(self, query_embeddings, candidates, keep: int, *, dim: int | None = None,
+                  precision: str = "float32", adapted: bool = False):
+    """Re-scores given candidate rows of each query at one prefix and keeps the best `keep`.
+
+    A funnel's later stage on a shortlist found elsewhere (another search, a
+    vector database, a cached first stage).
+
+    Args:
+      query_embeddings: raw queries [n_q, d_in] (or adapted [n_q, d] with adapted=True).
+      candidates: int row numbers, with shape [n_q, c]; rows >= n are padding.
+      keep: results kept per query, in [1, c].
+      dim: the prefix scored (default: all d).
+      precision: "float32" (the vectors) or a store's "int8" or "binary".
+
+    Returns:
+      (scores, rows): numpy [n_q, keep] each, best first; ties go to the lower row.
+    """
+    q = (check_embeddings(query_embeddings, name="query_embeddings", dim=self.d) if adapted
+         else self.prepare_queries(query_embeddings))
+    candidates = np.asarray(candidates)
+    if candidates.ndim != 2 or candidates.shape[0] != q.shape[0] or \
+        not np.issubdtype(candidates.dtype, np.integer):
+      raise InputError(f"candidates must be int rows [{q.shape[0]}, c], got {candidates.dtype} "
+                       f"{candidates.shape}")
+    dim = self.d if dim is None else check_dim(dim, self.d)
+    stage = check_schedule([(dim, check_k(keep, candidates.shape[1], name="keep",
+                                         what="the candidates per query"), precision)], self.d)[0]
+    return self._arrays.rerank(np.asarray(q, np.float32), candidates, stage)
 
   @_exclusive
   def search(self, query_embeddings, k: int, *, dim: int | None = None, schedule=None,
@@ -534,7 +509,8 @@ class MatryoshkaIndex:
       dim: prefix length for exact search (default: all d dims).
       schedule: instead of dim, a funnel of (dim, keep) float stages or
         (dim, keep, precision) stages, e.g. [(256, 400, "binary"),
-        (256, 40, "int8"), (768, 10)] (see `quant.check_schedule`); the last
+        (256, 40, "int8"), (768, 10)], or their text "256:400:binary,256:40:int8,768:10"
+        (see `search.check_schedule`); the last
         keep must be >= k. Quantised stages read the index's stores.
       precision: with dim, exact search over one store: "int8" or "binary"
         (or "float32", the default: the index's float vectors, whether they
@@ -594,7 +570,7 @@ class MatryoshkaIndex:
     except ImportError:
       raise InputError("to_faiss needs faiss: pip install 'matryoshka-adaptor[bench]' "
                        "(faiss-cpu)") from None
-    dim = self.d if dim is None else search_lib.check_dim(dim, self.d)
+    dim = self.d if dim is None else check_dim(dim, self.d)
     if kind not in ("hnsw", "flat"):
       raise InputError(f"kind must be 'hnsw' or 'flat', got {kind!r}")
     if kind == "hnsw":
@@ -640,7 +616,7 @@ class MatryoshkaIndex:
             "fingerprint": adaptor_fingerprint(self.adaptor)},
         "stores": [{"precision": p, "dims": m,
                     "files": {name: _store_file(p, m, name) for name in st.arrays()}}
-                   for (p, m), st in sorted(self._stores.items())],
+                   for (p, m), st in sorted(self._arrays.stores.items())],
         "schedule": None if self.schedule is None else [list(st) for st in self.schedule],
     }
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -649,10 +625,10 @@ class MatryoshkaIndex:
       with open(tmp / _VECTORS, "wb") as f:
         np.save(f, self.vectors)
       with open(tmp / _NORMS, "wb") as f:
-        np.save(f, np.stack([self._inv_norms[m] for m in dims]) if dims
+        np.save(f, np.stack([self._arrays.inv_norms[m] for m in dims]) if dims
                 else np.zeros((0, self.n), np.float32))
       (tmp / _IDS).write_text(json.dumps(self.ids))
-      for (p, m), st in self._stores.items():
+      for (p, m), st in self._arrays.stores.items():
         for name, array in st.arrays().items():
           with open(tmp / _store_file(p, m, name), "wb") as f:
             np.save(f, array)
@@ -685,7 +661,7 @@ class MatryoshkaIndex:
     if workers != 0:
       from adaptor import pool
       shared = pool.SharedArrays()
-    alloc = _aligned_empty if shared is None else shared.empty
+    alloc = aligned_empty if shared is None else shared.empty
     directory = Path(directory).absolute()
     if not directory.is_dir():  # A save killed between its two renames left the old one aside.
       directory = checkpoint.recover_moved_aside(directory) or directory
@@ -748,7 +724,7 @@ class MatryoshkaIndex:
         raise InputError(f"{where}: {e}") from None
     schedule = meta.get("schedule")
     try:
-      schedule = None if schedule is None else quant.check_schedule(schedule, d, n_docs=n)
+      schedule = None if schedule is None else check_schedule(schedule, d, n_docs=n)
     except ValueError as e:
       raise InputError(f"{directory / _META}: bad default schedule: {e}") from None
     index = cls(vectors, ids, adaptor=adaptor, precision=precision,
@@ -803,7 +779,7 @@ def _check_adaptor(model) -> None:
     raise InputError(f"adaptor must be a fitted adaptor.Adaptor (or None), got {type(model).__name__}")
 
 
-def _read_npy(path: Path, shape, dtype, alloc=_aligned_empty) -> np.ndarray:
+def _read_npy(path: Path, shape, dtype, alloc=aligned_empty) -> np.ndarray:
   """Reads a .npy file straight into `alloc(shape, dtype)`, checking its shape and dtype."""
   try:
     with open(path, "rb") as f:
@@ -876,11 +852,14 @@ def _overlap(found: np.ndarray, reference: np.ndarray) -> float:
   return float(np.mean(hits / k))
 
 
+RERANK_FLOATS = 2**20
+
+
 def _rerank_np(q_by_dim, vectors, norms, cand, m, keep):
   """numpy twin of search.rerank over [n_q, n_cand] candidates (ascending order)."""
   q = q_by_dim[m]
   out = np.empty((cand.shape[0], keep), np.int64)
-  chunk = max(1, search_lib.RERANK_FLOATS // max(1, cand.shape[1] * m))
+  chunk = max(1, RERANK_FLOATS // max(1, cand.shape[1] * m))
   for s in range(0, cand.shape[0], chunk):
     c = cand[s:s + chunk]
     vec = vectors[c, :m].astype(np.float32)
@@ -921,10 +900,10 @@ def plan_schedule(index: MatryoshkaIndex, query_embeddings, *, k: int = 10,
   if not 0 < target_recall <= 1:
     raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}")
   n, d = index.n, index.d
-  k = search_lib.check_k(k, n, what="the index size")
+  k = check_k(k, n, what="the index size")
   q = (check_embeddings(query_embeddings, name="query_embeddings", dim=d).astype(np.float32)
        if adapted else index.prepare_queries(query_embeddings))
-  corpus_size = n if corpus_size is None else search_lib.check_positive(corpus_size, "corpus_size")
+  corpus_size = n if corpus_size is None else check_positive(corpus_size, "corpus_size")
   first_dims = [m for m in index.dims if m < d] if first_dims is None else list(first_dims)
   middle_dims = first_dims if middle_dims is None else list(middle_dims)
   first_keeps = (20, 50, 100, 200, 500, 1000, 2000, 4000) if first_keeps is None else first_keeps
@@ -932,10 +911,10 @@ def plan_schedule(index: MatryoshkaIndex, query_embeddings, *, k: int = 10,
   first_keeps = sorted({c for c in first_keeps if k <= c <= n})
   middle_keeps = sorted({c for c in middle_keeps if k <= c})
   for m in set(first_dims) | set(middle_dims):
-    search_lib.check_dim(m, d, name="planned dims")
+    check_dim(m, d, name="planned dims")
 
   _, exact = index.search_rows(q, k, dim=d, adapted=True)
-  q_by_dim = {m: np.asarray(search_lib.truncate(q, m)) for m in set(first_dims + middle_dims + [d])}
+  q_by_dim = {m: np.asarray(truncate(q, m)) for m in set(first_dims + middle_dims + [d])}
   norms = {m: index.prefix_inv_norms(m) for m in q_by_dim}
   schedules = []
   for m1 in sorted(set(first_dims)):
@@ -945,7 +924,7 @@ def plan_schedule(index: MatryoshkaIndex, query_embeddings, *, k: int = 10,
       schedules.append(((m1, k1), (d, k)))
       schedules += [((m1, k1), (m2, k2), (d, k)) for m2 in sorted(set(middle_dims))
                     for k2 in middle_keeps if m1 < m2 < d and k2 < k1]
-  cost = lambda sch: search_lib.schedule_cost(sch, corpus_size)
+  cost = lambda sch: schedule_cost(sch, corpus_size)
   exact_cost = cost(((d, k),))
   # Only funnels estimated cheaper than full-size exact search are worth trying.
   schedules = sorted((sch for sch in schedules if cost(sch) < exact_cost), key=cost)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from adaptor.search import l2_normalize, truncate
+from adaptor.truncation import l2_normalize, truncate
 
 
 def _dim_weights(dims, weights):

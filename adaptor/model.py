@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adaptor.search import check_dim, truncate
+from adaptor.checks import check_dim
+from adaptor.truncation import truncate
 
 
 def default_dims(d: int) -> tuple[int, ...]:

@@ -42,7 +42,8 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from adaptor.data import InputError
-from adaptor.search import available_cpus
+from adaptor.search import SearchArrays
+from adaptor.topk import available_cpus
 
 # Seconds a worker may take to start (import JAX, map the arrays).
 _START_TIMEOUT = 300.0
@@ -124,18 +125,23 @@ class WorkerError(RuntimeError):
 
 
 class SearchPool:
-  """Worker processes that search one index, each on its own CPU.
+  """Worker processes that search one index's arrays, each on its own CPU.
 
   Made by `MatryoshkaIndex.start_workers`; use the index's `search`, which
-  hands its validated, adapted queries to `search_rows` here.
+  hands its checked stages and adapted queries to `search` here. Each worker
+  maps the arrays and searches them through `search.SearchArrays`, as the
+  index does in its own process.
 
   Attributes:
+    arrays: the `search.SearchArrays` searched, moved into shared memory
+      (the index searches these from then on).
     workers: the number of worker processes.
     cpus: the CPU each worker is pinned to.
     pids: their process ids.
+    closed: whether the pool is stopped.
   """
 
-  def __init__(self, index, workers: int | None = None, *, shared: SharedArrays | None = None,
+  def __init__(self, arrays, workers: int | None = None, *, shared: SharedArrays | None = None,
                cpus=None):
     import jax
     if jax.default_backend() != "cpu":
@@ -151,12 +157,12 @@ class SearchPool:
     self.shared = shared or SharedArrays()
     self._sent = {}       # key -> the array the workers have for it
     self._procs, self._conns = [], []
-    self._closed = False
+    self.closed = False
     self._lock = threading.Lock()   # One search at a time talks to the workers.
-    arrays = self._base_arrays(index)
-    specs = {key: self.shared.spec(a) for key, a in arrays.items()}
-    meta = {"precision": index.precision, "block_size": index.block_size,
-            "stores": sorted(index._stores)}
+    moved = {key: self.shared.share(a) for key, a in arrays.arrays().items()}
+    self.arrays = SearchArrays.from_arrays(moved)
+    self.arrays.alloc = self.shared.empty   # First-stage copies made later are shared too.
+    specs = {key: self.shared.spec(a) for key, a in moved.items()}
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     try:
       for cpu in self.cpus:
@@ -167,7 +173,7 @@ class SearchPool:
         conn = Connection(parent.detach())
         self._procs.append(proc)
         self._conns.append(conn)
-        conn.send((meta, specs))
+        conn.send(specs)
       for i in range(self.workers):
         reply = self._reply(i, timeout=_START_TIMEOUT)
         if isinstance(reply, BaseException):   # It could not map the index.
@@ -177,28 +183,11 @@ class SearchPool:
       raise
     finally:
       self.shared.unlink()   # Every worker has mapped them (or the pool is closed).
-    self._sent.update(arrays)
+    self._sent.update(moved)
 
   @property
   def pids(self) -> list[int]:
     return [p.pid for p in self._procs]
-
-  def _base_arrays(self, index) -> dict:
-    """Moves the index's arrays into shared memory (once) and returns them by key."""
-    from adaptor import quant
-    index.vectors = self.shared.share(index.vectors)
-    index._device = None
-    index._derived = {}
-    arrays = {("vectors",): index.vectors}
-    for m in list(index._inv_norms):
-      index._inv_norms[m] = self.shared.share(index._inv_norms[m])
-      arrays[("norms", m)] = index._inv_norms[m]
-    for (p, m), store in list(index._stores.items()):
-      moved = {name: self.shared.share(a) for name, a in store.arrays().items()}
-      index._stores[(p, m)] = quant.store_from_arrays(p, m, moved)
-      for name, a in moved.items():
-        arrays[("store", p, m, name)] = a
-    return arrays
 
   def _reply(self, i: int, *, timeout: float | None = None):
     conn, proc = self._conns[i], self._procs[i]
@@ -218,28 +207,26 @@ class SearchPool:
       return WorkerError(f"search worker {i} (pid {proc.pid}) failed: {name}: {text}\n{tb}")
     return msg
 
-  def search_rows(self, index, queries: np.ndarray, k: int, *, needs: dict, **how):
+  def search(self, queries: np.ndarray, stages, k: int, **how):
     """Top-k rows for adapted queries [n_q, d], split over the workers in order.
 
     Args:
-      index: the index this pool searches (its arrays in `needs` are shared
-        with the workers the first time).
-      needs: {key: array} of derived arrays the search reads
-        (`MatryoshkaIndex._worker_needs`).
-      how: dim, schedule, precision and query_batch, as `search_rows` takes them.
+      queries: adapted queries, float32 [n_q, d].
+      stages: checked stages (see `SearchArrays.search`).
+      k: results per query.
+      how: block_size, query_batch and copy, as `SearchArrays.search` takes them.
     """
     with self._lock:
-      return self._search_rows(index, queries, k, needs, how)
+      return self._search(queries, stages, k, how)
 
-  def _search_rows(self, index, queries, k, needs, how):
-    if self._closed:
+  def _search(self, queries, stages, k, how):
+    if self.closed:
       raise WorkerError("the search pool is stopped")
-    new = {}
-    for key, array in needs.items():
+    new = {}   # Norms and first-stage copies this search reads that the workers lack.
+    for key, array in self.arrays.needs(stages, copy=how.get("copy", False)).items():
       if self._sent.get(key) is not array:
         shared = self.shared.share(array)
-        if key[0] == "norms":
-          index._inv_norms[key[1]] = shared
+        self.arrays.adopt(key, shared)
         new[key] = shared
     specs = {key: self.shared.spec(a) for key, a in new.items()}
     chunks = [c for c in np.array_split(np.arange(queries.shape[0]), self.workers) if len(c)]
@@ -248,7 +235,7 @@ class SearchPool:
         for i, rows in enumerate(chunks):
           try:
             self._conns[i].send(("search", np.ascontiguousarray(queries[rows[0]:rows[-1] + 1]),
-                                 k, how, specs))
+                                 tuple(stages), k, how, specs))
           except OSError:   # A dead worker; _reply says how it ended.
             self._reply(i)
             raise
@@ -266,9 +253,9 @@ class SearchPool:
 
   def close(self) -> None:
     """Stops the workers; idempotent."""
-    if self._closed:
+    if self.closed:
       return
-    self._closed = True
+    self.closed = True
     for conn in self._conns:
       try:
         conn.send(("stop",))
@@ -291,31 +278,21 @@ class SearchPool:
       pass
 
   def __repr__(self):
-    state = "stopped" if self._closed else "running"
+    state = "stopped" if self.closed else "running"
     return f"SearchPool(workers={self.workers}, cpus={self.cpus}, {state})"
 
 
 def _worker(fd: int, cpu: int) -> None:
-  """A worker's life: map the index, then answer searches until told to stop."""
+  """A worker's life: map the arrays, then answer searches until told to stop."""
   if hasattr(os, "sched_setaffinity"):
     os.sched_setaffinity(0, {cpu})   # Before XLA sizes its thread pool.
   conn = Connection(fd)
   try:
-    meta, specs = conn.recv()
+    specs = conn.recv()
   except EOFError:
     return
   try:
-    import jax
-    from adaptor import quant
-    from adaptor.index import MatryoshkaIndex
-    arrays = {key: attach(spec) for key, spec in specs.items()}
-    stores = {}
-    for p, m in meta["stores"]:
-      stores[(p, m)] = quant.store_from_arrays(
-          p, m, {key[3]: a for key, a in arrays.items() if key[:3] == ("store", p, m)})
-    index = MatryoshkaIndex(arrays[("vectors",)], [], precision=meta["precision"],
-                            inv_norms={key[1]: a for key, a in arrays.items() if key[0] == "norms"},
-                            block_size=meta["block_size"], stores=stores)
+    arrays = SearchArrays.from_arrays({key: attach(spec) for key, spec in specs.items()})
     conn.send(("ready", os.getpid()))
   except Exception as e:
     conn.send(("error", type(e).__name__, str(e), traceback.format_exc()))
@@ -327,16 +304,11 @@ def _worker(fd: int, cpu: int) -> None:
       return
     if msg[0] == "stop":
       return
-    _, queries, k, how, specs = msg
+    _, queries, stages, k, how, specs = msg
     try:
       for key, spec in specs.items():
-        a = attach(spec)
-        if key[0] == "norms":
-          index._inv_norms[key[1]] = a
-          index._derived.pop(key, None)
-        else:
-          index._derived[key] = jax.device_put(a)
-      scores, rows = index.search_rows(queries, k, adapted=True, **how)
+        arrays.adopt(key, attach(spec))
+      scores, rows = arrays.search(queries, stages, k, **how)
       conn.send(("ok", scores, rows))
     except Exception as e:
       conn.send(("error", type(e).__name__, str(e), traceback.format_exc()))

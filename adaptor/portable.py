@@ -42,7 +42,7 @@ import numpy as np
 FORMAT = "matryoshka-adaptor"
 FORMAT_VERSION = 1
 ACTIVATION = "gelu_tanh"
-# As adaptor.search.NORM_EPS: prefixes with a smaller norm become zero vectors.
+# As adaptor.truncation.NORM_EPS: prefixes with a smaller norm become zero vectors.
 NORM_EPS = 1e-12
 _DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
            "I8": "i1", "U8": "u1", "BOOL": "?"}

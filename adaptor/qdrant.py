@@ -48,7 +48,7 @@ from adaptor.data import InputError, check_embeddings
 NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/matryoshka-adaptor/doc-id")
 QUANTIZATIONS = ("int8", "binary")
 DEFAULT_BATCH = 256
-# As adaptor.search._NORM_EPS: prefixes with a smaller norm become zero vectors.
+# As adaptor.truncation.NORM_EPS: prefixes with a smaller norm become zero vectors.
 _NORM_EPS = 1e-12
 
 
@@ -275,7 +275,7 @@ def upload_shards(collection: str, output_dir, **kwargs) -> dict:
 
 def parse_schedule(schedule, dims: Sequence[int], *, k: int | None = None):
   """A schedule string "32:500,128:50,768:10" or (dim, keep) pairs, checked against `dims`."""
-  from adaptor.quant import parse_schedule as parse_schedule_text
+  from adaptor.search import parse_schedule as parse_schedule_text
   from adaptor.search import check_schedule
   if isinstance(schedule, str):
     try:
@@ -292,11 +292,11 @@ def parse_schedule(schedule, dims: Sequence[int], *, k: int | None = None):
     stages = check_schedule(stages, max(dims), k=k)
   except (TypeError, ValueError) as e:
     raise InputError(f"schedule: {e}") from None
-  missing = [m for m, _ in stages if m not in dims]
+  missing = [m for m, _, _ in stages if m not in dims]
   if missing:
     raise InputError(f"schedule dims must be prefix sizes of the collection {list(dims)}, got "
                      f"{missing}")
-  return stages
+  return tuple((m, keep) for m, keep, _ in stages)
 
 
 def _request(q: np.ndarray, stages, k: int, exact: bool, hnsw_ef: int | None):

@@ -45,47 +45,39 @@ At m' = m the dequantised documents have norm 1 up to quantisation error and
 scores are used as they are; at m' < m they are divided by the norm of the
 dequantised m'-prefix, computed once per store and prefix (`Int8Store.inv_norms`).
 
-Search walks the corpus in fixed-size blocks like `search.blocked_top_k`; ties
-always go to the lower corpus index. Stage functions for mixed-precision funnels
-(`first_stage`, `rerank_stage`) are jitted per (precision, dims, keep), so a
-planner that tries many schedules compiles each stage once.
+Scoring plugs into the search core as a `topk.Scorer` (`int8_scorer`,
+`binary_scorer`): the same blocked top-k scan and re-ranking as float search,
+with ties going to the lower corpus index; adaptor/search.py runs the stages.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adaptor import topk
+from adaptor.checks import check_dim, check_positive
 from adaptor.data import InputError
-
-
-# The module, not the `adaptor.search` function that adaptor/__init__.py exports
-# under the same name.
-search_lib = importlib.import_module("adaptor.search")
-aligned_empty = search_lib.aligned_empty
+from adaptor.truncation import NORM_EPS, aligned_empty, l2_normalize, truncate
 
 PRECISIONS = ("float32", "int8", "binary")
 QUANTISED = ("int8", "binary")
 # Rows coded at a time when building or extending a store; bounds the temporaries.
 _CODE_ROWS = 65536
-# Same grouping as search.blocked_top_k: per-group maxima are one vectorised
-# pass, and only the members of the k best groups reach lax.top_k.
-_GROUP = search_lib.GROUP
-# Gathered shortlist rows per chunk of queries are kept under this many bytes:
-# chunks that stay in the L2 cache (and need no fresh pages) were 3-4x faster
-# than 64 MiB ones.
+# Gathered shortlist rows per chunk of queries are kept under this many bytes
+# (counted as in topk.Scorer): chunks that stay in the L2 cache (and need no
+# fresh pages) were 3-4x faster than 64 MiB ones.
 _GATHER_BYTES = 2**20
 # Largest first-stage block per precision (measured, one AVX2 core, 256
 # queries): the Hamming tile [block, queries] should stay in the L2 cache
 # (1024 rows: 1 MiB of int32 scores; 1.2x faster than 16384), int8 matmuls
 # gain nothing beyond 4096 rows.
-_MAX_BLOCK = {"binary": 1024, "int8": 4096}
+MAX_BLOCK = {"binary": 1024, "int8": 4096}
+
+
 def check_precision(precision, *, name: str = "precision") -> str:
   if precision not in PRECISIONS:
     raise InputError(f"{name} must be one of {list(PRECISIONS)}, got {precision!r}")
@@ -94,7 +86,7 @@ def check_precision(precision, *, name: str = "precision") -> str:
 
 def check_store_dims(precision: str, dims, full: int, *, name: str = "dims") -> int:
   """Validates the dims of a store (or of a quantised query prefix)."""
-  dims = search_lib.check_dim(dims, full, name=name)
+  dims = check_dim(dims, full, name=name)
   if precision == "binary" and dims % 8:
     raise InputError(f"{name} of a binary prefix must be a multiple of 8 (sign bits are "
                      f"packed 8 per byte), got {dims}")
@@ -206,10 +198,9 @@ def _hamming_block(q_words_t, doc_bytes):
 
 
 def _hamming_rows(q_bytes, rows):
-  """Hamming distances [r] between one packed query [nb] and packed rows [r, >= nb]."""
+  """Hamming distances [...] between one packed query [nb] and packed rows [..., >= nb]."""
   nb = q_bytes.shape[0]
-  return jnp.sum(jax.lax.population_count(rows[:, :nb] ^ q_bytes[None, :]), axis=1,
-                 dtype=jnp.int32)
+  return jnp.sum(jax.lax.population_count(rows[..., :nb] ^ q_bytes), axis=-1, dtype=jnp.int32)
 
 
 def hamming_distances(q_bits, doc_bits) -> jax.Array:
@@ -247,20 +238,28 @@ def hamming_top_k(q_bits, doc_bits, k: int, *, block_size: int):
     go to the lower corpus index.
   """
   q_bits = jnp.asarray(q_bits, jnp.uint8)
-  block_q = (_materialised_t(_words(q_bits)), q_bits.shape[1])
-  s, i = _top_k_scan(_neg_hamming_block, _neg_hamming_rows, block_q, (q_bits,),
-                     (jnp.asarray(doc_bits, jnp.uint8),), k, block_size=block_size)
+  s, i = topk.top_k_scan(binary_scorer(q_bits.shape[1]), _materialised_t(_words(q_bits)), q_bits,
+                         (jnp.asarray(doc_bits, jnp.uint8),), k, block_size=block_size)
   return (-s).astype(jnp.int32), i
 
 
-def _neg_hamming_block(q, docs):
-  q_t, nb = q
-  # Only the prefix's bytes: past them, the last (padded) word would count store bits.
-  return -_hamming_block(q_t, docs[0][:, :nb]).astype(jnp.float32)
+def binary_scorer(nb: int) -> topk.Scorer:
+  """Minus the Hamming distance over the first `nb` bytes, for `topk.top_k_scan` and `topk.rerank`.
 
+  Blocks take the query words from `_materialised_t(_words(q_bits))`, rows
+  one packed query [nb]; the documents are (bits [n, >= nb],).
+  """
 
-def _neg_hamming_rows(q, rows):
-  return -_hamming_rows(q[0], rows[0]).astype(jnp.float32)
+  def block(q_words_t, docs, doc_major):
+    # Only the prefix's bytes: past them, the last (padded) word would count store bits.
+    s = -_hamming_block(q_words_t, docs[0][:, :nb]).astype(jnp.float32)   # [b, n_q]
+    return s if doc_major else s.T
+
+  def rows(q_bytes, gathered):
+    return -_hamming_rows(q_bytes, gathered[0]).astype(jnp.float32)
+
+  return topk.Scorer(block=block, rows=rows, cols=(nb,), doc_major=True, group_maxima=True,
+                     gather_bytes=_GATHER_BYTES)
 
 
 # ---------------------------------------------------------------- int8
@@ -369,24 +368,35 @@ def int8_dot(a, b) -> jax.Array:
   return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
 
 
-def _int8_block(q, docs):
-  codes_q, t, bias = q
-  codes, inv = docs
-  m = codes_q.shape[1]
-  s = t[None, :] * int8_dot(codes[:, :m], codes_q).astype(jnp.float32) + bias[None, :]  # [b, n_q]
-  return s if inv is None else s * inv[:, None]
+def int8_scorer(m: int) -> topk.Scorer:
+  """t * (q . c) + bias over the first `m` codes, for `topk.top_k_scan` and `topk.rerank`.
 
+  The queries are (codes_q [n_q, m], t [n_q], bias [n_q]): int8 codes from
+  `quantize_queries` (exact integer dot products), or float weights with
+  t = 1 when re-scoring (see the module docstring); the documents are
+  (codes [n, >= m], inv_norms [n] or None).
+  """
 
-def _int8_rows(q, rows):
-  codes_q, t, bias = q
-  codes, inv = rows
-  m = codes_q.shape[0]
-  if codes_q.dtype == jnp.int8:  # A first stage's member rows: the same integer scores.
-    dots = jnp.dot(codes[:, :m], codes_q, preferred_element_type=jnp.int32).astype(jnp.float32)
-  else:                          # Rescoring: float query x int8 documents.
-    dots = jnp.dot(codes[:, :m].astype(jnp.float32), codes_q, precision=jax.lax.Precision.HIGHEST)
-  s = t * dots + bias
-  return s if inv is None else s * inv
+  def block(q, docs, doc_major):
+    codes_q, t, bias = q
+    codes, inv = docs
+    s = t[None, :] * int8_dot(codes[:, :m], codes_q).astype(jnp.float32) + bias[None, :]  # [b, n_q]
+    s = s if inv is None else s * inv[:, None]
+    return s if doc_major else s.T
+
+  def rows(q, gathered):
+    codes_q, t, bias = q
+    codes, inv = gathered
+    if codes_q.dtype == jnp.int8:  # A first stage's member rows: the same integer scores.
+      dots = jnp.dot(codes[..., :m], codes_q, preferred_element_type=jnp.int32).astype(jnp.float32)
+    else:                          # Rescoring: float query x int8 documents.
+      dots = jnp.dot(codes[..., :m].astype(jnp.float32), codes_q,
+                     precision=jax.lax.Precision.HIGHEST)
+    s = t * dots + bias
+    return s if inv is None else s * inv
+
+  return topk.Scorer(block=block, rows=rows, cols=(m, None), doc_major=True, group_maxima=True,
+                     gather_bytes=_GATHER_BYTES)
 
 
 def int8_top_k(q_codes, q_scale, q_bias, codes, k: int, *, block_size: int, inv_norms=None):
@@ -411,116 +421,8 @@ def int8_top_k(q_codes, q_scale, q_bias, codes, k: int, *, block_size: int, inv_
     lower corpus index.
   """
   q = (q_codes, q_scale, q_bias)
-  return _top_k_scan(_int8_block, _int8_rows, q, q, (codes, inv_norms), k, block_size=block_size)
-
-
-# ---------------------------------------------------------------- blocked top-k
-
-
-def _top_k_scan(score_block, score_rows, block_q, row_q, docs, k: int, *, block_size: int):
-  """Exact top-k of any per-(query, document) score, over the corpus in fixed-size blocks.
-
-  Args:
-    score_block: fn(block_q, docs_block) -> float32 [b, n_q] scores (higher is
-      better) of a block of documents against every query, document-major.
-    score_rows: fn(one_query, docs_rows) -> float32 [r]: the same scores for
-      one query (`row_q` without its leading axis) and gathered rows.
-    block_q: the queries as `score_block` wants them (any pytree).
-    row_q: tuple of query arrays with leading axis n_q, for `score_rows`.
-    docs: tuple of arrays (or None) with leading axis n_docs.
-    k: results per query, in [1, n_docs].
-    block_size: documents scored at a time, in [1, n_docs].
-
-  Returns:
-    (scores, indices), [n_q, k] each, best first; ties go to the lower index.
-  """
-  leaves = [a for a in docs if a is not None]
-  n_docs, n_q = leaves[0].shape[0], row_q[0].shape[0]
-  search_lib.check_k(k, n_docs)
-  if not 1 <= block_size <= n_docs:
-    raise ValueError(f"block_size must be in [1, {n_docs}] (the corpus size), got {block_size}")
-  n_full = n_docs // block_size
-  tail = n_full * block_size
-
-  def take(start, size):
-    return tuple(None if a is None else jax.lax.dynamic_slice_in_dim(a, start, size) for a in docs)
-
-  if n_docs < _GROUP or block_size % _GROUP:
-    # Small corpora (tests) or odd blocks: a running top-k merged block by block.
-    def block_top(start, masked_below=None):
-      s = score_block(block_q, take(start, block_size)).T
-      if masked_below is not None:  # Rows already scored by the block before.
-        s = jnp.where(start + jnp.arange(block_size) < masked_below, -jnp.inf, s)
-      top, idx = jax.lax.top_k(s, min(k, block_size))
-      return top, start + idx.astype(jnp.int32)
-
-    def step(carry, start):
-      return search_lib.merge_top_k(*carry, *block_top(start), k), None
-
-    init = (jnp.full((n_q, k), -jnp.inf, jnp.float32), jnp.full((n_q, k), -1, jnp.int32))
-    carry, _ = jax.lax.scan(step, init, jnp.arange(n_full, dtype=jnp.int32) * block_size)
-    if tail < n_docs:
-      # The last block ends at the last row; its overlap with the one before is masked.
-      carry = search_lib.merge_top_k(*carry, *block_top(jnp.int32(n_docs - block_size), tail), k)
-    return carry
-
-  # Group maxima over the whole corpus, then the members of the k best groups
-  # (the argument of search._group_maxima_top_k): the scan does no selection.
-  def maxima(s):  # [b, n_q] -> [ceil(b / G), n_q]
-    pad = -s.shape[0] % _GROUP
-    if pad:  # Only the corpus tail: its last group is short.
-      s = jnp.pad(s, ((0, pad), (0, 0)), constant_values=-jnp.inf)
-    return s.reshape(-1, _GROUP, n_q).max(axis=1)
-
-  def step(_, start):
-    return None, maxima(score_block(block_q, take(start, block_size)))
-
-  _, per_block = jax.lax.scan(step, None, jnp.arange(n_full, dtype=jnp.int32) * block_size)
-  parts = [per_block.reshape(-1, n_q)]
-  if tail < n_docs:
-    parts.append(maxima(score_block(block_q, tuple(None if a is None else a[tail:] for a in docs))))
-  group_max = (jnp.concatenate(parts) if len(parts) > 1 else parts[0]).T   # [n_q, n_groups]
-  g, bound = search_lib.best_groups(group_max, k)
-
-  def one_query(xs):  # lax.map vmaps this over chunks of queries.
-    q, gq, t = xs
-    # The short last group's slab is shifted back to end at the last row (see
-    # search.top_members).
-    starts = jnp.minimum(gq * _GROUP, n_docs - _GROUP)
-    slabs = tuple(None if a is None else jax.vmap(
-        lambda st, a=a: jax.lax.dynamic_slice_in_dim(a, st, _GROUP))(starts).reshape(
-            -1, *a.shape[1:]) for a in docs)
-    top, rows = search_lib.top_members(score_rows(q, slabs), starts, gq, t, k, _GROUP)
-    return top, rows.astype(jnp.int32)
-
-  row_bytes = sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize for a in leaves)
-  chunk = max(1, min(n_q, _GATHER_BYTES // max(1, g.shape[1] * _GROUP * row_bytes)))
-  return jax.lax.map(one_query, (row_q, g, bound), batch_size=chunk)
-
-
-def _rerank(score_rows, queries, docs, candidates, keep: int):
-  """Re-scores candidate rows per query and keeps the best `keep` (ties: lower index).
-
-  Args:
-    score_rows: as in `_top_k_scan`.
-    queries: tuple of arrays with leading axis n_q.
-    docs: tuple of arrays (or None) with leading axis n_docs.
-    candidates: int32 [n_q, c] corpus rows.
-    keep: results kept per query, in [1, c].
-  """
-  candidates = jnp.sort(candidates, axis=1)  # Ascending: lax.top_k then breaks ties by index.
-
-  def one_query(xs):
-    q, cand = xs
-    rows = tuple(None if a is None else a[cand] for a in docs)
-    top, pos = jax.lax.top_k(score_rows(q, rows), keep)
-    return top, cand[pos]
-
-  leaves = [a for a in docs if a is not None]
-  row_bytes = sum(int(np.prod(a.shape[1:])) * max(4, a.dtype.itemsize) for a in leaves)
-  chunk = max(1, min(candidates.shape[0],
-                     _GATHER_BYTES // max(1, candidates.shape[1] * row_bytes)))
-  return jax.lax.map(one_query, (queries, candidates), batch_size=chunk)
+  return topk.top_k_scan(int8_scorer(q_codes.shape[1]), q, q, (codes, inv_norms), k,
+                         block_size=block_size)
 
 
 # ---------------------------------------------------------------- stores
@@ -631,7 +533,7 @@ class Int8Store:
   def _code(vectors, calibration, out):
     dims = calibration.dims
     for s in range(0, vectors.shape[0], _CODE_ROWS):
-      x = np.asarray(search_lib.truncate(np.asarray(vectors[s:s + _CODE_ROWS, :dims], np.float32)))
+      x = np.asarray(truncate(np.asarray(vectors[s:s + _CODE_ROWS, :dims], np.float32)))
       out[s:s + _CODE_ROWS] = calibration.quantize(x)
     return out
 
@@ -658,14 +560,14 @@ class Int8Store:
 
   def inv_norms(self, dim: int) -> np.ndarray:
     """Inverse norms [n] of the dequantised `dim`-prefixes, computed once and kept."""
-    dim = search_lib.check_dim(dim, self.dims)
+    dim = check_dim(dim, self.dims)
     if dim not in self._inv_norms:
       cal = self.calibration
       out = np.empty(self.n, np.float32)
       for s in range(0, self.n, _CODE_ROWS):
         x = cal.offsets[:dim] + cal.scales[:dim] * self.codes[s:s + _CODE_ROWS, :dim].astype(np.float32)
         sq = np.einsum("ij,ij->i", x, x)
-        nonzero = sq > search_lib.NORM_EPS**2
+        nonzero = sq > NORM_EPS**2
         out[s:s + _CODE_ROWS] = np.where(nonzero, 1.0 / np.sqrt(np.where(nonzero, sq, 1.0)), 0.0)
       self._inv_norms[dim] = out
     return self._inv_norms[dim]
@@ -690,7 +592,7 @@ def _sample_rows(n: int, calibration_rows, key) -> np.ndarray | None:
   """Sorted calibration rows (see `calibrate_int8`); None means all n rows."""
   if calibration_rows is None:
     return None
-  rows = search_lib.check_positive(calibration_rows, "calibration_rows")
+  rows = check_positive(calibration_rows, "calibration_rows")
   if rows >= n:
     return None
   if key is None:
@@ -705,7 +607,7 @@ def _prefix_sample(vectors, dims, calibration_rows, key):
   out = np.empty((len(rows), dims), np.float32)
   for s in range(0, len(rows), _CODE_ROWS):
     part = np.asarray(vectors[rows[s:s + _CODE_ROWS], :dims], np.float32)
-    out[s:s + _CODE_ROWS] = np.asarray(search_lib.truncate(part))
+    out[s:s + _CODE_ROWS] = np.asarray(truncate(part))
   return out
 
 
@@ -715,89 +617,6 @@ def store_from_arrays(precision: str, dims: int, arrays: dict) -> BinaryStore | 
     return BinaryStore(arrays["bits"], dims)
   cal = arrays["calibration"]
   return Int8Store(arrays["codes"], Int8Calibration(offsets=cal[0], scales=cal[1]))
-
-
-# ---------------------------------------------------------------- funnel stages
-
-
-def check_schedule(schedule, full: int, *, n_docs: int | None = None,
-                   k: int | None = None) -> tuple[tuple[int, int, str], ...]:
-  """Validates a mixed-precision funnel schedule; returns (dim, keep, precision) triples.
-
-  Each stage is (dim, keep) (float32, as in `search.check_schedule`) or
-  (dim, keep, precision) with precision in "float32", "int8", "binary". The
-  first stage scans the whole corpus; each later stage re-scores the
-  survivors of the one before. Keeps never increase, and no stage repeats the
-  (dim, precision) of the one before it. A float32-only schedule must also
-  satisfy `search.check_schedule` (dims strictly increase). Binary dims are
-  multiples of 8.
-
-  Args:
-    schedule: e.g. [(256, 400, "binary"), (256, 40, "int8"), (768, 10)].
-    full: the vector size d.
-    n_docs: if given, the first keep must be at most the corpus size.
-    k: if given, the last keep must be at least k.
-  """
-  if isinstance(schedule, (str, bytes)) or not isinstance(schedule, Sequence) or not schedule:
-    raise ValueError(f"schedule must be a non-empty sequence of (dim, keep[, precision]) "
-                     f"stages, got {schedule!r}")
-  stages = []
-  for i, stage in enumerate(schedule):
-    if (isinstance(stage, (str, bytes)) or not isinstance(stage, Sequence)
-        or len(stage) not in (2, 3)):
-      raise ValueError(f"schedule[{i}] must be (dim, keep) or (dim, keep, precision), got {stage!r}")
-    precision = "float32" if len(stage) == 2 else check_precision(
-        stage[2], name=f"schedule[{i}] precision")
-    dim = check_store_dims(precision, stage[0], full, name=f"schedule[{i}] dim")
-    keep = search_lib.check_positive(stage[1], f"schedule[{i}] keep")
-    stages.append((dim, keep, precision))
-  if all(p == "float32" for _, _, p in stages):
-    search_lib.check_schedule([(m, c) for m, c, _ in stages], full, n_docs=n_docs, k=k)
-    return tuple(stages)
-  keeps = [c for _, c, _ in stages]
-  if any(a < b for a, b in zip(keeps, keeps[1:])):
-    raise ValueError(f"schedule keeps must not increase, got {keeps}")
-  for i in range(1, len(stages)):
-    if stages[i][0] == stages[i - 1][0] and stages[i][2] == stages[i - 1][2]:
-      raise ValueError(f"schedule[{i}] repeats the dim and precision of schedule[{i - 1}] "
-                       f"({stages[i][0]}, {stages[i][2]})")
-  if n_docs is not None and keeps[0] > n_docs:
-    raise ValueError(f"schedule[0] keep must be at most the corpus size {n_docs}, got {keeps[0]}")
-  if k is not None and keeps[-1] < k:
-    raise ValueError(f"schedule's last keep must be >= k={k}, got {keeps[-1]}")
-  return tuple(stages)
-
-
-def format_schedule(schedule) -> str:
-  """The CLI text of a schedule: DIM:KEEP[:PRECISION] stages separated by commas."""
-  parts = []
-  for stage in schedule:
-    m, c = stage[0], stage[1]
-    p = stage[2] if len(stage) > 2 else "float32"
-    parts.append(f"{m}:{c}" if p == "float32" else f"{m}:{c}:{p}")
-  return ",".join(parts)
-
-
-def parse_schedule(text: str) -> list[tuple]:
-  """The inverse of `format_schedule`: "256:400:binary,768:10" -> [(256, 400, "binary"), (768, 10)].
-
-  Raises:
-    InputError: `text` is not DIM:KEEP[:PRECISION] stages separated by commas.
-  """
-  stages = []
-  for part in (p.strip() for p in text.split(",")):
-    fields = part.split(":")
-    try:
-      if not part or len(fields) not in (2, 3) or (len(fields) == 3 and fields[2] not in
-                                                   PRECISIONS):
-        raise ValueError
-      stage = (int(fields[0]), int(fields[1])) + tuple(fields[2:])
-    except ValueError:
-      raise InputError(
-          f"expected DIM:KEEP[:PRECISION] stages separated by commas, precision one of "
-          f"{list(PRECISIONS)}, like 256:400:binary,256:40:int8,768:10; got {text!r}") from None
-    stages.append(stage)
-  return stages
 
 
 def parse_stores(text: str) -> list[tuple[str, int]]:
@@ -817,101 +636,23 @@ def parse_stores(text: str) -> list[tuple[str, int]]:
   return out
 
 
-def _prepare_int8_query(q, offsets, scales, dim, *, quantise: bool):
-  qn = search_lib.l2_normalize(q[:, :dim].astype(jnp.float32))
+def int8_queries(queries, offsets, scales, dim: int, *, quantise: bool):
+  """Queries for `int8_scorer(dim)`: their `dim`-prefixes re-normalised, then weighted by the calibration.
+
+  Args:
+    queries: adapted queries, with shape [n_q, d] (float32).
+    offsets, scales: the store's calibration, [>= dim] each.
+    dim: the prefix scored.
+    quantise: int8 query codes for a full-corpus scan (`quantize_queries`);
+      otherwise float weights with t = 1, for re-scoring a shortlist.
+
+  Returns:
+    (codes or weights [n_q, dim], t [n_q], bias [n_q]).
+  """
+  qn = l2_normalize(queries[:, :dim].astype(jnp.float32))
   if quantise:
     return quantize_queries(qn, offsets, scales)
   w = qn * scales[None, :dim]
-  # With t = 1 and float "codes" w, _int8_rows computes w . c + q . offsets.
-  return w, jnp.ones(q.shape[0], jnp.float32), jnp.dot(qn, offsets[:dim],
-                                                        precision=jax.lax.Precision.HIGHEST)
-
-
-@functools.partial(jax.jit, static_argnames=("precision", "dim", "keep", "block_size"))
-def first_stage(queries, data, *, precision: str, dim: int, keep: int, block_size: int):
-  """The first funnel stage: exact top-`keep` over the whole corpus at one precision.
-
-  Args:
-    queries: adapted queries, with shape [n_q, d] (float32).
-    data: the stage's arrays: float32 -> (vectors [n, d], inv_norms [n]);
-      int8 -> (codes [n, m], offsets [m], scales [m], inv_norms [n] or None);
-      binary -> (bits [n, m / 8],), as given by `Int8Store.stage_data` etc.
-    precision: "float32", "int8" or "binary".
-    dim: the prefix scored.
-    keep: results per query.
-    block_size: documents scored at a time.
-
-  Returns:
-    (scores, indices) [n_q, keep], best first: cosine (float32, int8) or
-    1 - 2 h / dim (binary).
-  """
-  if precision == "float32":
-    corpus, scale = data
-    q = search_lib.l2_normalize(queries[:, :dim].astype(jnp.float32))
-    return search_lib.blocked_top_k(q, corpus, keep, block_size=block_size, scale=scale)
-  if precision == "int8":
-    codes, offsets, scales, inv = data
-    cq, t, bias = _prepare_int8_query(queries, offsets, scales, dim, quantise=True)
-    return int8_top_k(cq, t, bias, codes, keep, block_size=block_size, inv_norms=inv)
-  (bits,) = data
-  h, idx = hamming_top_k(pack_bits(queries[:, :dim]), bits, keep, block_size=block_size)
-  return 1.0 - 2.0 * h.astype(jnp.float32) / dim, idx
-
-
-@functools.partial(jax.jit, static_argnames=("precision", "dim", "keep"))
-def rerank_stage(queries, data, candidates, *, precision: str, dim: int, keep: int):
-  """A later funnel stage: re-scores each query's candidates and keeps the best `keep`.
-
-  int8 rescoring is float query x int8 documents (see the module docstring).
-
-  Args:
-    queries: adapted queries, with shape [n_q, d] (float32).
-    data: the stage's arrays, as for `first_stage`.
-    candidates: int32 [n_q, c] corpus rows from the previous stage.
-    precision, dim, keep: the stage.
-
-  Returns:
-    (scores, indices) [n_q, keep], best first; ties go to the lower index.
-  """
-  if precision == "float32":
-    corpus, scale = data
-    q = search_lib.l2_normalize(queries[:, :dim].astype(jnp.float32))
-    return search_lib.rerank(q, corpus, candidates, keep, scale=scale)
-  if precision == "int8":
-    codes, offsets, scales, inv = data
-    q = _prepare_int8_query(queries, offsets, scales, dim, quantise=False)
-    return _rerank(_int8_rows, q, (codes, inv), candidates, keep)
-  (bits,) = data
-  s, idx = _rerank(_neg_hamming_rows, (pack_bits(queries[:, :dim]),), (bits,), candidates, keep)
-  return 1.0 + 2.0 * s / dim, idx
-
-
-def funnel(queries, schedule, stage_data, *, k: int, block_size: int, query_batch: int = 256):
-  """Runs a checked mixed-precision schedule over adapted queries, a batch at a time.
-
-  Args:
-    queries: adapted queries, with shape [n_q, d] (float32 numpy).
-    schedule: (dim, keep, precision) triples from `check_schedule`.
-    stage_data: fn(precision, dim) -> the arrays of that stage.
-    k: results per query (<= the last keep).
-    block_size: first-stage block size (<= n_docs); quantised first stages
-      use at most _MAX_BLOCK[precision] rows.
-    query_batch: queries per batch; the last batch is zero-padded so that
-      every batch reuses the compiled stages.
-
-  Returns:
-    (scores, indices): float32 and int64... [n_q, k] numpy arrays, best first.
-  """
-  data = [stage_data(p, m) for m, _, p in schedule]
-  query_batch = min(query_batch, queries.shape[0])
-  (m1, keep1, p1), rest = schedule[0], schedule[1:]
-  block = min(block_size, _MAX_BLOCK.get(p1, block_size))
-
-  def step(q):
-    q = jnp.asarray(q)
-    s, i = first_stage(q, data[0], precision=p1, dim=m1, keep=keep1, block_size=block)
-    for (m, keep, p), d in zip(rest, data[1:]):
-      s, i = rerank_stage(q, d, i, precision=p, dim=m, keep=keep)
-    return s, i
-
-  return search_lib.run_batches(step, queries, query_batch, k)
+  # With t = 1 and float "codes" w, the scorer computes w . c + q . offsets.
+  return w, jnp.ones(queries.shape[0], jnp.float32), jnp.dot(qn, offsets[:dim],
+                                                              precision=jax.lax.Precision.HIGHEST)

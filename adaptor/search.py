@@ -1,481 +1,370 @@
-"""Truncation, exact top-k search and funnel search over Matryoshka prefixes.
+"""Search: exact top-k at any prefix and funnel search, at any precision, over one core.
 
-Everything that shortens a vector goes through `truncate`, so that a prefix is
-always sliced and re-normalised the same way in losses, evaluation and search.
+    stages = check_schedule("32:500,128:50,768:10", d)        # or [(32, 500), (128, 50), (768, 10)]
+    scores, rows = funnel_search(queries, corpus, stages, k=10)
+    scores, rows = exact_search(queries, corpus, 10, dim=64)
 
-Search keeps the corpus once, at full size, and reads only the first `dim`
-columns of each block it scores. Cosine scores at a prefix are the raw prefix
-inner products times the inverse prefix norm of each document, which
-`prefix_inv_norms` computes once per corpus and prefix (an index caches them),
-so no truncated, re-normalised copy of the corpus is ever made.
+A schedule is a tuple of `Stage`s (dim, keep, precision): the first stage
+scans the whole corpus at its prefix and keeps its `keep` best documents;
+each later stage re-scores the survivors with its own prefix (and precision)
+and keeps fewer. Exact search is the one-stage schedule [(dim, k)]. Every
+stage runs on the kernels of adaptor/topk.py (one blocked top-k scan, one
+re-rank), with the scorer of its precision: float cosine at the prefix here,
+int8 and binary in adaptor/quant.py. `SearchArrays` holds what a search
+reads (vectors, prefix norms, quantised stores, first-stage copies) and runs
+schedules over it; an index and its worker processes (adaptor/pool.py) both
+search through it.
 
-The corpus is walked in fixed-size blocks with a running top-k merge, so the
-memory a search needs is bounded by the block and query-batch sizes, not by
-the corpus size. Ties always go to the lower corpus index.
+The cost model at the end estimates a schedule's time per query; the planner
+(adaptor/budget.py) ranks schedules with it.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import functools
-import os
-import threading
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Norms below this are treated as zero: such a vector is returned as all zeros
-# instead of being blown up to unit length from numerical noise.
-NORM_EPS = 1e-12
-# Within a block, scores are cut into contiguous groups of this many documents.
-# Only the k groups with the best maxima can hold the block's top k, so
-# lax.top_k runs over block/GROUP group maxima plus k * GROUP candidates
-# instead of the whole block: the maxima are one vectorised pass, while
-# lax.top_k on CPU is a per-row partial sort several times slower per element.
-GROUP = 32
-# Re-ranking gathers [queries, candidates, dim] vectors; query chunks are sized
-# so that one chunk holds at most this many floats (4 MiB): gathered rows that
-# stay in cache are scored 2-3x faster than a 64 MiB chunk (measured on CPU).
-RERANK_FLOATS = 2**20
+from adaptor import quant, topk
+from adaptor.checks import check_dim, check_k, check_positive
+from adaptor.data import InputError
+from adaptor.truncation import aligned_empty, l2_normalize, normalized_prefix, prefix_inv_norms
+
+# Float funnels whose first stage reads at most max(this, d / 8) dims scan a
+# contiguous normalised copy of that prefix (see `SearchArrays.prefix`).
+FIRST_STAGE_COPY_MIN = 32
 
 
-def default_sizes(dim: int, n_docs: int, n_queries: int, *, block_size: int | None = None,
-                  query_batch: int | None = None, contiguous: bool = False,
-                  k: int | None = None, quantised: bool = False) -> tuple[int, int]:
-  """(block_size, query_batch) for scoring `dim`-prefixes; given values are kept.
+# ---------------------------------------------------------------- schedules
 
-  Measured on a 2-core x86 CPU (AMD EPYC), 1M x 768 corpus, 1000 queries.
-  XLA spreads a matmul over every CPU the process may use and runs the rest
-  of a search on one, so the best tiles depend on whether the process has
-  one CPU (pinned: a single-threaded run, or a search worker, see
-  adaptor/pool.py) or several:
-  - up to 256 dims of the full-size rows, a score tile must stay in the L2
-    cache (1024 documents x 256 queries = 1 MiB), which makes 16- and 64-dim
-    search 2-3x faster than 16384-document blocks; from 65 to 256 dims, with
-    several CPUs, 512 queries per block are 1.0-1.15x faster than 256 (on one
-    CPU 256 is 1.05x faster);
-  - beyond 256 dims the matmul dominates, and 1024 queries per corpus pass
-    halve how often each 4096-document block is read (1.05-1.4x faster);
-  - a `contiguous` store of only the prefix (`normalized_prefix`) of up to 64
-    dims, with more than 32 results kept, is read fastest in 4096 x 1024 tiles
-    with several CPUs (1.15-1.2x faster than 1024 x 256) and in 1024 x 512
-    tiles on one (1.1-1.15x faster than 4096 x 1024); with k <= 32 each block
-    keeps its own top k, which is 1.5x slower in the larger tiles;
-  - `quantised` (int8 or binary) first stages keep 256 queries up to 256
-    dims (see quant._MAX_BLOCK for their blocks);
-  - with several CPUs, a batch holds at most ceil(n_queries / CPUs) queries
-    (rounded up to 8), so that `run_batches` gives each CPU a batch of its
-    own (1.14-1.4x faster than one batch at a time, see `query_threads`).
-  On a GPU or TPU, where each block is a kernel launch and caches are not the
-  limit, blocks of 65536 documents and 1024 queries are used at every dim.
-  Both are clipped to the corpus and query counts.
+
+class Stage(NamedTuple):
+  """One funnel stage: score `dim`-prefixes at `precision`, keep the best `keep` documents."""
+
+  dim: int
+  keep: int
+  precision: str = "float32"
+
+  def __str__(self) -> str:
+    return (f"{self.dim}:{self.keep}" if self.precision == "float32"
+            else f"{self.dim}:{self.keep}:{self.precision}")
+
+
+def parse_schedule(text: str) -> tuple[Stage, ...]:
+  """"32:500,128:50,768:10" or "256:400:binary,768:10" -> Stages (not yet checked against a size).
+
+  Raises:
+    InputError: `text` is not DIM:KEEP[:PRECISION] stages separated by commas.
   """
-  accelerator = jax.default_backend() != "cpu"
-  cpus = 0 if accelerator else len(available_cpus())
-  one_cpu = cpus == 1
-  first_stage = contiguous and dim <= 64 and (k is None or k > 32)
-  if block_size is None:
-    block_size = (65536 if accelerator else 4096 if dim > 256 or (first_stage and not one_cpu)
-                  else 1024)
-  if query_batch is None:
-    if accelerator or dim > 256 or (first_stage and not one_cpu):
-      query_batch = 1024
-    elif first_stage or (dim > 64 and not quantised and not one_cpu):
-      query_batch = 512
-    else:
-      query_batch = 256
-    if cpus > 1:
-      # At least one batch per CPU, so that `run_batches` keeps every CPU busy.
-      per_cpu = -(-n_queries // cpus)
-      query_batch = min(query_batch, -(-per_cpu // 8) * 8)
-  block_size = min(check_positive(block_size, "block_size"), n_docs)
-  query_batch = min(check_positive(query_batch, "query_batch"), n_queries)
-  return block_size, query_batch
+  stages = []
+  for part in (p.strip() for p in str(text).split(",")):
+    fields = part.split(":")
+    try:
+      if not part or len(fields) not in (2, 3) or (len(fields) == 3 and fields[2] not in
+                                                   quant.PRECISIONS):
+        raise ValueError
+      stages.append(Stage(int(fields[0]), int(fields[1]), *fields[2:]))
+    except ValueError:
+      raise InputError(
+          f"expected DIM:KEEP[:PRECISION] stages separated by commas, precision one of "
+          f"{list(quant.PRECISIONS)}, like 32:500,128:50,768:10 or 256:400:binary,768:10; "
+          f"got {text!r}") from None
+  return tuple(stages)
 
 
-def available_cpus() -> list[int]:
-  """The CPUs this process may run on (its affinity mask, where the OS has one), in order."""
-  if hasattr(os, "sched_getaffinity"):
-    return sorted(os.sched_getaffinity(0))
-  return list(range(os.cpu_count() or 1))
+def format_schedule(schedule) -> str:
+  """The text of a schedule, as `parse_schedule` reads it: "256:400:binary,768:10"."""
+  return ",".join(str(Stage(*stage)) for stage in schedule)
 
 
-def check_dim(dim, full: int, *, name: str = "dim") -> int:
-  """Validates a prefix length against the full vector size and returns it as int."""
-  if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
-    raise TypeError(f"{name} must be an int, got {type(dim).__name__} ({dim!r})")
-  if not 1 <= int(dim) <= full:
-    raise ValueError(f"{name} must be in [1, {full}] (the vector size), got {dim}")
-  return int(dim)
+def check_schedule(schedule, full: int, *, n_docs: int | None = None,
+                   k: int | None = None) -> tuple[Stage, ...]:
+  """Validates a funnel schedule and returns it as Stages.
 
-
-def check_k(k, n: int, *, name: str = "k", what: str = "the corpus size") -> int:
-  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
-    raise ValueError(f"{name} must be an int in [1, {n}] ({what}), got {k!r}")
-  return int(k)
-
-
-def check_positive(value, name: str) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{name} must be a positive int, got {value!r}")
-  return int(value)
-
-
-def l2_normalize(x: jax.Array) -> jax.Array:
-  """Scales each row of `x` to unit L2 norm; all-zero rows stay zero.
+  Each stage is (dim, keep) (float32) or (dim, keep, precision), precision
+  one of "float32", "int8", "binary"; text is parsed first. Keeps never
+  increase; a float32-only schedule's dims strictly increase, and no stage
+  repeats the (dim, precision) of the one before it. Binary dims are
+  multiples of 8.
 
   Args:
-    x: vectors, with shape [..., d].
+    schedule: e.g. "32:500,128:50,768:10", [(32, 1000), (128, 100), (768, 10)]
+      or [(256, 400, "binary"), (256, 40, "int8"), (768, 10)].
+    full: the vector size d (dims must be in [1, d]).
+    n_docs: if given, the first keep must be at most the corpus size.
+    k: if given, the last keep must be at least k.
   """
-  sq = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
-  nonzero = sq > NORM_EPS**2
-  # The double `where` keeps the gradient finite at zero vectors.
-  inv = jnp.where(nonzero, jax.lax.rsqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
-  return (x * inv).astype(x.dtype)
+  if isinstance(schedule, str):
+    schedule = parse_schedule(schedule)
+  if isinstance(schedule, bytes) or not isinstance(schedule, Sequence) or not schedule:
+    raise ValueError(f"schedule must be a non-empty sequence of (dim, keep[, precision]) "
+                     f"stages, got {schedule!r}")
+  stages = []
+  for i, stage in enumerate(schedule):
+    if (isinstance(stage, (str, bytes)) or not isinstance(stage, Sequence)
+        or len(stage) not in (2, 3)):
+      raise ValueError(f"schedule[{i}] must be (dim, keep) or (dim, keep, precision), got {stage!r}")
+    precision = "float32" if len(stage) == 2 else quant.check_precision(
+        stage[2], name=f"schedule[{i}] precision")
+    dim = quant.check_store_dims(precision, stage[0], full, name=f"schedule[{i}] dim")
+    keep = check_positive(stage[1], f"schedule[{i}] keep")
+    stages.append(Stage(dim, keep, precision))
+  dims = [st.dim for st in stages]
+  keeps = [st.keep for st in stages]
+  if all(st.precision == "float32" for st in stages):
+    if any(a >= b for a, b in zip(dims, dims[1:])):
+      raise ValueError(f"schedule dims must strictly increase, got {dims}")
+  if any(a < b for a, b in zip(keeps, keeps[1:])):
+    raise ValueError(f"schedule keeps must not increase, got {keeps}")
+  for i in range(1, len(stages)):
+    if stages[i][::2] == stages[i - 1][::2]:
+      raise ValueError(f"schedule[{i}] repeats the dim and precision of schedule[{i - 1}] "
+                       f"({stages[i].dim}, {stages[i].precision})")
+  if n_docs is not None and keeps[0] > n_docs:
+    raise ValueError(f"schedule[0] keep must be at most the corpus size {n_docs}, got {keeps[0]}")
+  if k is not None and keeps[-1] < k:
+    raise ValueError(f"schedule's last keep must be >= k={k}, got {keeps[-1]}")
+  return tuple(stages)
 
 
-def truncate(x: jax.Array, dim: int | None = None) -> jax.Array:
-  """Keeps the first `dim` coordinates of each vector and re-normalises them.
+# ---------------------------------------------------------------- stages
+
+
+@functools.partial(jax.jit, static_argnames=("precision", "dim", "keep", "block_size", "normalize"))
+def first_stage(queries, data, *, precision: str, dim: int, keep: int, block_size: int,
+                normalize: bool = True):
+  """A funnel's first stage (or an exact search): top-`keep` over the whole corpus.
 
   Args:
-    x: embeddings, with shape [..., d].
-    dim: prefix length in [1, d]; None keeps all d coordinates.
+    queries: adapted queries, with shape [n_q, d] (float32).
+    data: the stage's arrays, from `SearchArrays.stage_data`: float32 ->
+      (vectors [n, >= dim], inv_norms [n] or None); int8 -> (codes [n, m],
+      offsets [m], scales [m], inv_norms [n] or None); binary -> (bits [n, m / 8],).
+    precision: "float32", "int8" or "binary".
+    dim: the prefix scored.
+    keep: results per query.
+    block_size: documents scored at a time.
+    normalize: float32 only: re-normalise the query prefixes (cosine); False
+      scores them as they are.
 
   Returns:
-    Array of shape [..., dim] whose rows have unit norm (or are zero where the
-    prefix is all zeros).
+    (scores, rows) [n_q, keep], best first: cosine (float32, int8) or
+    1 - 2 h / dim (binary); ties go to the lower row.
   """
-  if x.ndim < 1:
-    raise ValueError(f"x must have at least 1 axis [..., d], got shape {x.shape}")
-  full = x.shape[-1]
-  dim = full if dim is None else check_dim(dim, full)
-  return l2_normalize(x[..., :dim])
+  if precision == "float32":
+    vectors, scale = data
+    q = queries[:, :dim].astype(jnp.float32)
+    q = l2_normalize(q) if normalize else q
+    return topk.top_k_scan(topk.float_scorer(dim), q, q, (vectors, scale), keep,
+                           block_size=block_size)
+  if precision == "int8":
+    codes, offsets, scales, inv = data
+    q = quant.int8_queries(queries, offsets, scales, dim, quantise=True)
+    return topk.top_k_scan(quant.int8_scorer(dim), q, q, (codes, inv), keep,
+                           block_size=block_size)
+  (bits,) = data
+  h, rows = quant.hamming_top_k(quant.pack_bits(queries[:, :dim]), bits, keep,
+                                block_size=block_size)
+  return 1.0 - 2.0 * h.astype(jnp.float32) / dim, rows
 
 
-def prefix_inv_norms(corpus, dim: int, *, block_size: int = 65536) -> np.ndarray:
-  """Inverse L2 norms of the first `dim` coordinates of each row, in blocks.
+@functools.partial(jax.jit, static_argnames=("precision", "dim", "keep"))
+def rerank_stage(queries, data, candidates, *, precision: str, dim: int, keep: int):
+  """A later funnel stage: re-scores each query's candidates and keeps the best `keep`.
 
-  Scaling prefix inner products by these gives the cosine of re-normalised
-  prefixes, exactly as `truncate` would, without a truncated copy of the corpus.
+  int8 re-scoring is float query x int8 documents (see adaptor/quant.py).
 
   Args:
-    corpus: vectors, with shape [n, d] (float32 or float16; numpy or jax).
-    dim: prefix length in [1, d].
-    block_size: rows converted to float32 at a time; bounds the temporaries.
+    queries: adapted queries, with shape [n_q, d] (float32).
+    data: the stage's arrays, as for `first_stage`.
+    candidates: int32 [n_q, c] corpus rows (rows >= n are padding).
+    precision, dim, keep: the stage.
 
   Returns:
-    np.ndarray float32 [n]; 0 where the prefix is all zeros.
+    (scores, rows) [n_q, keep], best first; ties go to the lower row.
   """
-  if getattr(corpus, "ndim", None) != 2:
-    raise ValueError(f"corpus must be 2-D [n, d], got shape {getattr(corpus, 'shape', None)}")
-  dim = check_dim(dim, corpus.shape[1])
-  block_size = check_positive(block_size, "block_size")
-  host = np.asarray(corpus)  # A view, not a copy, for numpy and CPU jax arrays.
-  out = np.empty(host.shape[0], np.float32)
-  for start in range(0, host.shape[0], block_size):
-    x = host[start:start + block_size, :dim].astype(np.float32)
-    sq = np.einsum("ij,ij->i", x, x)
-    nonzero = sq > NORM_EPS**2
-    out[start:start + block_size] = np.where(nonzero, 1.0 / np.sqrt(np.where(nonzero, sq, 1.0)), 0.0)
-  return out
+  if precision == "float32":
+    vectors, scale = data
+    q = l2_normalize(queries[:, :dim].astype(jnp.float32))
+    return topk.rerank(topk.float_scorer(dim), q, (vectors, scale), candidates, keep)
+  if precision == "int8":
+    codes, offsets, scales, inv = data
+    q = quant.int8_queries(queries, offsets, scales, dim, quantise=False)
+    return topk.rerank(quant.int8_scorer(dim), q, (codes, inv), candidates, keep)
+  (bits,) = data
+  s, rows = topk.rerank(quant.binary_scorer(dim // 8), quant.pack_bits(queries[:, :dim]),
+                        (bits,), candidates, keep)
+  return 1.0 + 2.0 * s / dim, rows
 
 
-def normalized_prefix(corpus, dim: int, *, inv_norms=None, block_size: int = 65536,
-                      out=None) -> np.ndarray:
-  """A contiguous float32 copy of the first `dim` columns, each row re-normalised.
+# ---------------------------------------------------------------- arrays
 
-  Funnel search reads it in its first stage instead of the strided prefix of
-  the full-size rows (measured on CPU, 1M docs: 15-25% faster at 16-64 dims),
-  at the cost of n * dim * 4 bytes; an index makes it once and keeps it.
 
-  Args:
-    corpus: vectors, with shape [n, d] (float32 or float16).
-    dim: prefix length in [1, d].
-    inv_norms: optional `prefix_inv_norms(corpus, dim)`, with shape [n].
-    block_size: rows converted at a time; bounds the temporaries.
-    out: optional float32 array [n, dim] to write into (e.g. shared memory).
+class SearchArrays:
+  """What a search reads: full-size vectors, prefix norms, quantised stores, first-stage copies.
 
-  Returns:
-    np.ndarray float32 [n, dim] (`out`, or a new one aligned so that
-    `jax.device_put` does not copy it on CPU); rows whose prefix is all zeros
-    stay zero.
+  Host arrays, keyed for sharing with worker processes as ("vectors",),
+  ("norms", m), ("prefix", m) and ("store", precision, dims, name); their
+  device copies are made on first use and kept. Prefix norms and first-stage
+  copies missing at search time are computed once and kept.
+
+  Attributes:
+    vectors: [n, d] unit-norm rows (float32 or float16).
+    inv_norms: {m: float32 [n]} inverse norms of the m-prefixes.
+    stores: {(precision, dims): quant.BinaryStore | quant.Int8Store}.
+    prefixes: {m: float32 [n, m]} normalised contiguous m-prefixes.
+    alloc: fn(shape, dtype) -> array, where new first-stage copies are made
+      (shared memory while worker processes run).
   """
-  if getattr(corpus, "ndim", None) != 2:
-    raise ValueError(f"corpus must be 2-D [n, d], got shape {getattr(corpus, 'shape', None)}")
-  dim = check_dim(dim, corpus.shape[1])
-  inv = prefix_inv_norms(corpus, dim) if inv_norms is None else np.asarray(inv_norms, np.float32)
-  if inv.shape != (corpus.shape[0],):
-    raise ValueError(f"inv_norms must have shape ({corpus.shape[0]},), got {inv.shape}")
-  host = np.asarray(corpus)
-  if out is None:
-    out = aligned_empty((host.shape[0], dim), np.float32)
-  elif out.shape != (host.shape[0], dim) or out.dtype != np.float32:
-    raise ValueError(f"out must be float32 of shape {(host.shape[0], dim)}, got {out.dtype} {out.shape}")
-  for start in range(0, host.shape[0], block_size):
-    stop = start + block_size
-    np.multiply(host[start:stop, :dim], inv[start:stop, None], out=out[start:stop],
-                dtype=np.float32)
-  return out
+
+  def __init__(self, vectors, *, inv_norms=None, stores=None, prefixes=None):
+    self.vectors = vectors
+    self.inv_norms = dict(inv_norms or {})
+    self.stores = dict(stores or {})
+    self.prefixes = dict(prefixes or {})
+    self.alloc = aligned_empty
+    self._device = {}
+
+  @property
+  def n(self) -> int:
+    return self.vectors.shape[0]
+
+  @property
+  def d(self) -> int:
+    return self.vectors.shape[1]
+
+  def norms(self, dim: int) -> np.ndarray:
+    """Inverse norms [n] of the `dim`-prefixes, computed once and kept."""
+    dim = check_dim(dim, self.d)
+    if dim not in self.inv_norms:
+      self.inv_norms[dim] = prefix_inv_norms(self.vectors, dim)
+    return self.inv_norms[dim]
+
+  def prefix(self, dim: int) -> np.ndarray | None:
+    """The normalised contiguous `dim`-prefix a float funnel's first stage scans.
+
+    Made on first use and kept (n * dim float32s), for prefixes up to
+    max(32, d / 8) dims; None for longer ones, whose first stage reads the
+    full-size rows (a copy would cost more memory than it saves time).
+    """
+    if dim in self.prefixes:
+      return self.prefixes[dim]
+    if dim > max(FIRST_STAGE_COPY_MIN, self.d // 8):
+      return None
+    if dim not in self.prefixes:
+      self.prefixes[dim] = normalized_prefix(self.vectors, dim, inv_norms=self.norms(dim),
+                                             out=self.alloc((self.n, dim), np.float32))
+    return self.prefixes[dim]
+
+  def store_for(self, precision: str, dim: int):
+    """The smallest store of `precision` holding the `dim`-prefix; InputError if none does."""
+    found = [m for p, m in self.stores if p == precision and m >= dim]
+    if not found:
+      have = ", ".join(f"{p} {m}" for p, m in sorted(self.stores)) or "none"
+      raise InputError(f"no {precision} store holds a {dim}-dim prefix: expected a {precision} "
+                       f"store with dims >= {dim}, the index has stores [{have}] (add one with "
+                       f"index.add_store({precision!r}, {dim}))")
+    return self.stores[(precision, min(found))]
+
+  def _on_device(self, key, host):
+    if key not in self._device:
+      self._device[key] = topk.to_device(host)   # Aliases an aligned buffer on CPU.
+    return self._device[key]
+
+  def stage_data(self, stage: Stage, *, copy: bool = False):
+    """The device arrays a stage reads (see `first_stage`); `copy`: scan the first-stage copy."""
+    dim, _, precision = stage
+    if precision != "float32":
+      return self.store_for(precision, dim).stage_data(dim)
+    if copy and self.prefix(dim) is not None:   # Normalised rows: no per-document scale.
+      return (self._on_device(("prefix", dim), self.prefix(dim)), None)
+    return (self._on_device(("vectors",), self.vectors),
+            self._on_device(("norms", dim), self.norms(dim)))
+
+  def needs(self, stages, *, copy: bool = False) -> dict:
+    """{key: host array} of the norms and first-stage copy a search reads (made if missing)."""
+    out = {("norms", m): self.norms(m) for m, _, p in stages if p == "float32"}
+    m, _, p = stages[0]
+    if copy and p == "float32" and self.prefix(m) is not None:
+      out[("prefix", m)] = self.prefix(m)
+    return out
+
+  def arrays(self) -> dict:
+    """{key: host array} of everything held (see the class docstring for the keys)."""
+    out = {("vectors",): self.vectors}
+    out.update({("norms", m): a for m, a in self.inv_norms.items()})
+    out.update({("prefix", m): a for m, a in self.prefixes.items()})
+    for (p, m), store in self.stores.items():
+      out.update({("store", p, m, name): a for name, a in store.arrays().items()})
+    return out
+
+  @classmethod
+  def from_arrays(cls, arrays: dict) -> "SearchArrays":
+    """The inverse of `arrays()` (e.g. over arrays mapped from shared memory)."""
+    stores = {}
+    for key in arrays:
+      if key[0] == "store" and key[1:3] not in stores:
+        p, m = key[1], key[2]
+        stores[(p, m)] = quant.store_from_arrays(
+            p, m, {k[3]: a for k, a in arrays.items() if k[:3] == ("store", p, m)})
+    return cls(arrays[("vectors",)],
+               inv_norms={k[1]: a for k, a in arrays.items() if k[0] == "norms"},
+               prefixes={k[1]: a for k, a in arrays.items() if k[0] == "prefix"}, stores=stores)
+
+  def adopt(self, key, array) -> None:
+    """Replaces the norms or first-stage copy under `key` by an equal array (e.g. a shared copy)."""
+    if key[0] not in ("norms", "prefix"):
+      raise ValueError(f"only norms and first-stage copies can be adopted, got {key}")
+    (self.inv_norms if key[0] == "norms" else self.prefixes)[key[1]] = array
+    self._device.pop(key, None)
+
+  def rerank(self, queries, candidates, stage: Stage):
+    """(scores, rows) [n_q, keep] of adapted queries [n_q, d] re-scoring candidate rows [n_q, c] at one stage."""
+    s, rows = rerank_stage(jnp.asarray(queries), self.stage_data(stage),
+                           jnp.asarray(candidates, jnp.int32), precision=stage.precision,
+                           dim=stage.dim, keep=stage.keep)
+    return np.asarray(s), np.asarray(rows)
+
+  def search(self, queries, stages, k: int, *, block_size: int | None = None,
+             query_batch: int | None = None, copy: bool = False):
+    """Top-k rows of adapted queries through checked stages, a fixed-size batch at a time.
+
+    Args:
+      queries: adapted queries, with shape [n_q, d] (float32).
+      stages: Stages from `check_schedule` (one stage: exact search).
+      k: results per query (<= the last keep).
+      block_size: first-stage corpus rows per block (default: `topk.default_sizes`);
+        quantised first stages use at most quant.MAX_BLOCK rows.
+      query_batch: queries per batch (default: `topk.default_sizes`); the
+        last batch is zero-padded so that every batch reuses the compiled stages.
+      copy: a float first stage scans the normalised contiguous copy of its
+        prefix (`prefix`; faster, n * dim * 4 bytes, kept).
+
+    Returns:
+      (scores, rows): numpy [n_q, k] each, best first; ties go to the lower row.
+    """
+    (m1, keep1, p1), rest = stages[0], stages[1:]
+    copy = copy and p1 == "float32" and self.prefix(m1) is not None
+    block, batch = topk.default_sizes(m1, self.n, queries.shape[0], block_size=block_size,
+                                      query_batch=query_batch, contiguous=copy, k=keep1,
+                                      quantised=p1 != "float32")
+    block = min(block, quant.MAX_BLOCK.get(p1, block))
+    data = [self.stage_data(st, copy=copy and i == 0) for i, st in enumerate(stages)]
+
+    def step(q):
+      s, rows = first_stage(q, data[0], precision=p1, dim=m1, keep=keep1, block_size=block)
+      for (m, keep, p), arrays in zip(rest, data[1:]):
+        s, rows = rerank_stage(q, arrays, rows, precision=p, dim=m, keep=keep)
+      return s, rows
+
+    return topk.run_batches(step, queries, batch, k)
 
 
-_ALIGN = 4096
-
-
-def aligned_empty(shape, dtype) -> np.ndarray:
-  """An uninitialised array whose data starts on a 4 KiB boundary.
-
-  jax.device_put aliases such a buffer on CPU instead of copying it, so an
-  index holds one copy of its vectors and stores, not two.
-  """
-  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-  raw = np.empty(nbytes + _ALIGN, np.uint8)
-  offset = (-raw.ctypes.data) % _ALIGN
-  return raw[offset:offset + nbytes].view(dtype).reshape(shape)
-
-
-# ---------------------------------------------------------------- exact top-k
-
-
-def merge_top_k(scores, indices, block_scores, block_indices, k):
-  # Earlier (lower-index) candidates come first, and lax.top_k keeps the
-  # earlier of equal values, so ties always go to the lower corpus index.
-  all_scores = jnp.concatenate([scores, block_scores], axis=1)
-  all_indices = jnp.concatenate([indices, block_indices], axis=1)
-  top_scores, pos = jax.lax.top_k(all_scores, k)
-  return top_scores, jnp.take_along_axis(all_indices, pos, axis=1)
-
-
-def _group_size(size: int, k: int) -> int:
-  """Largest power of two <= GROUP dividing `size` with k groups at most a quarter of it."""
-  group = GROUP
-  while group > 1 and (size % group or 4 * k * group > size):
-    group //= 2
-  return group
-
-
-def _block_top_k(queries, block, scale, start, *, k, masked_below):
-  """Top-min(k, block) of one block; returns (scores, corpus indices), best first."""
-  n_q, dim = queries.shape
-  size = block.shape[0]
-  s = jnp.einsum("qd,bd->qb", queries, block[:, :dim].astype(queries.dtype),
-                 preferred_element_type=jnp.float32)
-  if scale is not None:
-    s = s * scale[None, :]
-  if masked_below is not None:  # Rows already scored by an earlier block.
-    s = jnp.where(start + jnp.arange(size) < masked_below, -jnp.inf, s)
-  group = _group_size(size, k)
-  if group > 1:
-    # Exact: the groups holding the top k all have a maximum >= the k-th best
-    # score, so they are among the k best groups. Taking equal maxima by lower
-    # group index, and candidates in ascending document order, keeps ties
-    # going to the lower index.
-    groups = s.reshape(n_q, size // group, group)
-    _, g = jax.lax.top_k(groups.max(axis=-1), k)
-    g = jnp.sort(g, axis=1)
-    cand = jnp.take_along_axis(groups, g[:, :, None], axis=1).reshape(n_q, k * group)
-    top, pos = jax.lax.top_k(cand, k)
-    idx = jnp.take_along_axis(g, pos // group, axis=1) * group + pos % group
-  else:
-    top, idx = jax.lax.top_k(s, min(k, size))
-  return top, start + idx.astype(jnp.int32)
-
-
-def blocked_top_k(queries, corpus, k: int, *, block_size: int, scale=None):
-  """Exact top-k inner products, walking the corpus in fixed-size blocks.
-
-  A pure function of arrays: it may be called as it is or under `jax.jit`
-  (with `k` and `block_size` static). Only the first `queries.shape[1]`
-  columns of the corpus are read; the corpus itself is never copied.
-
-  Args:
-    queries: query vectors, with shape [n_queries, dim] (float32).
-    corpus: document vectors, with shape [n_docs, d] with d >= dim (float32 or
-      float16); only [:, :dim] is scored.
-    k: results per query, in [1, n_docs].
-    block_size: corpus rows scored at a time, in [1, n_docs]; bounds memory.
-    scale: optional per-document factors, with shape [n_docs] (e.g. inverse
-      prefix norms from `prefix_inv_norms`, for cosine scores).
-
-  Returns:
-    (scores, indices), each with shape [n_queries, k], best first; ties go to
-    the lower corpus index.
-  """
-  n_docs = corpus.shape[0]
-  n_q = queries.shape[0]
-  check_k(k, n_docs)
-  if not 1 <= block_size <= n_docs:
-    raise ValueError(f"block_size must be in [1, {n_docs}] (the corpus size), got {block_size}")
-  # Measured on CPU: whole-corpus group maxima win for short prefixes (cheap
-  # slab gathers) and whenever k is too large for 32-wide groups in one block.
-  if block_size % GROUP == 0 and (queries.shape[1] <= 32 or _group_size(block_size, k) < GROUP):
-    return _group_maxima_top_k(queries, corpus, k, block_size=block_size, scale=scale)
-  n_full = n_docs // block_size
-  take = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, block_size)
-
-  def step(carry, start):
-    sc = None if scale is None else take(scale, start)
-    block = _block_top_k(queries, take(corpus, start), sc, start, k=k, masked_below=None)
-    return merge_top_k(*carry, *block, k), None
-
-  init = (jnp.full((n_q, k), -jnp.inf, jnp.float32), jnp.full((n_q, k), -1, jnp.int32))
-  starts = jnp.arange(n_full, dtype=jnp.int32) * block_size
-  carry, _ = jax.lax.scan(step, init, starts)
-  if n_full * block_size < n_docs:
-    # The last block ends at the last row and overlaps the one before it; the
-    # overlap is masked. Padding the corpus instead would copy all of it.
-    start = n_docs - block_size
-    sc = None if scale is None else scale[start:]
-    block = _block_top_k(queries, corpus[start:], sc, jnp.int32(start), k=k,
-                         masked_below=n_full * block_size)
-    carry = merge_top_k(*carry, *block, k)
-  return carry
-
-
-def _group_maxima_top_k(queries, corpus, k, *, block_size, scale):
-  """Exact top-k for large k: best groups over the whole corpus, then their members.
-
-  One blocked pass keeps only the maximum of each run of GROUP consecutive
-  documents; the k groups with the best maxima hold the top k (the argument
-  of `_block_top_k`, over the whole corpus), so their k * GROUP members are
-  gathered and re-scored. This avoids a k-wide selection in every block,
-  which dominates the time when k is in the hundreds or thousands.
-  """
-  n_docs, n_q, group = corpus.shape[0], queries.shape[0], GROUP
-  dim = queries.shape[1]
-  n_full = n_docs // block_size
-
-  # Up to 32 dims, scores laid out [documents, queries] (group maxima reduce
-  # along the first axis) scan 1.05-1.11x faster than [queries, documents],
-  # measured on CPU with one CPU and with two (1M docs, 500 kept); at 64
-  # dims it is no faster.
-  doc_major = dim <= 32
-
-  def maxima(block, sc):
-    if doc_major:
-      s = jnp.einsum("bd,qd->bq", block[:, :dim].astype(queries.dtype), queries,
-                     preferred_element_type=jnp.float32)
-      if sc is not None:
-        s = s * sc[:, None]
-      pad = -s.shape[0] % group
-      if pad:  # Only the corpus tail: its last group is short.
-        s = jnp.pad(s, ((0, pad), (0, 0)), constant_values=-jnp.inf)
-      return s.reshape(-1, group, n_q).max(axis=1)
-    s = jnp.einsum("qd,bd->qb", queries, block[:, :dim].astype(queries.dtype),
-                   preferred_element_type=jnp.float32)
-    if sc is not None:
-      s = s * sc[None, :]
-    pad = -s.shape[1] % group
-    if pad:  # Only the corpus tail: its last group is short.
-      s = jnp.pad(s, ((0, 0), (0, pad)), constant_values=-jnp.inf)
-    return s.reshape(n_q, -1, group).max(axis=-1)
-
-  def step(_, start):
-    take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, block_size)
-    return None, maxima(take(corpus), None if scale is None else take(scale))
-
-  _, per_block = jax.lax.scan(step, None, jnp.arange(n_full, dtype=jnp.int32) * block_size)
-  if doc_major:
-    parts = [jnp.transpose(per_block, (2, 0, 1)).reshape(n_q, -1)]
-  else:
-    parts = [jnp.transpose(per_block, (1, 0, 2)).reshape(n_q, -1)]
-  tail = n_full * block_size
-  if tail < n_docs:
-    m = maxima(corpus[tail:], None if scale is None else scale[tail:])
-    parts.append(m.T if doc_major else m)
-  group_max = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-  g, bound = best_groups(group_max, k)
-
-  def one_query(xs):  # lax.map vmaps this over chunks of queries.
-    q, gq, t = xs
-    # Each group is one contiguous [group, dim] slab. The short last group's
-    # slab is shifted back to end at the last row; rows it borrows from the
-    # group before are masked, so no row is counted twice.
-    starts = jnp.minimum(gq * group, n_docs - group)
-    slabs = jax.vmap(lambda st: jax.lax.dynamic_slice(corpus, (st, 0), (group, dim)))(starts)
-    s = jnp.einsum("kgd,d->kg", slabs.astype(jnp.float32), q, preferred_element_type=jnp.float32)
-    if scale is not None:
-      s = s * jax.vmap(lambda st: jax.lax.dynamic_slice(scale, (st,), (group,)))(starts)
-    return top_members(s, starts, gq, t, k, group)
-
-  chunk = max(1, min(n_q, RERANK_FLOATS // max(1, g.shape[1] * group * dim)))
-  return jax.lax.map(one_query, (queries, g, bound), batch_size=chunk)
-
-
-# Members are re-scored apart from the blocked matmul that found their group's
-# maximum, so a score may differ from it in the last bits: `best_groups`
-# places its bound this far below the k-th best maximum (relative, and
-# absolute near zero).
-_BOUND_SLACK = 1e-4
-
-
-def best_groups(group_max, k: int):
-  """The k groups with the best maxima, ascending, and a bound below which no top-k member lies.
-
-  Args:
-    group_max: float32 [n_q, n_groups], each group's best score per query.
-    k: the number of best members wanted (groups kept: min(k, n_groups)).
-
-  Returns:
-    (groups, bound): int32 [n_q, min(k, n_groups)] group indices in
-    ascending order (equal maxima go to the lower index), and float32 [n_q]
-    just below the k-th best maximum (-inf with fewer than k groups). The
-    members of these groups hold at least k scores at or above that maximum,
-    so members below the bound cannot be among the k best and may be masked
-    before their top k. lax.top_k on CPU is a partial sort whose cost lies in
-    pushing each element that beats its running k-th into a heap; masked
-    members never do, and a 32:500 first stage over 1M documents runs 1.06x
-    faster (measured side by side on one CPU).
-  """
-  n_q, n_groups = group_max.shape
-  best, g = jax.lax.top_k(group_max, min(k, n_groups))
-  g = jnp.sort(g, axis=1)
-  if k > n_groups:   # Every group is kept, and fewer than k maxima bound nothing.
-    return g, jnp.full((n_q,), -jnp.inf, jnp.float32)
-  # The minimum of the values, not their last column: XLA turns a top-k of
-  # which one column alone is used into a full sort, 10x slower.
-  kth = best.min(axis=1)
-  return g, kth - _BOUND_SLACK * (1 + jnp.abs(kth))
-
-
-def top_members(scores, starts, groups, bound, k: int, group: int):
-  """One query's top k among the members of its best groups: (scores [k], rows [k]).
-
-  Args:
-    scores: the members' scores, [n_groups_kept * group] or [n_groups_kept, group].
-    starts: int [n_groups_kept], the first row of each scored slab: a group's
-      own first row, or for the corpus's short last group a slab shifted back
-      to end at the last row (the rows it borrows from the group before are
-      masked, so no row is counted twice).
-    groups: int [n_groups_kept], the groups (ascending, from `best_groups`).
-    bound: this query's bound from `best_groups`; members below it are masked.
-    k: results kept.
-    group: documents per group.
-  """
-  rows = starts[:, None] + jnp.arange(group, dtype=starts.dtype)
-  s = scores.reshape(rows.shape)
-  s = jnp.where((rows >= groups[:, None] * group) & (s >= bound), s, -jnp.inf).reshape(-1)
-  top, pos = jax.lax.top_k(s, k)
-  return top, rows.reshape(-1)[pos]
-
-
-@functools.partial(jax.jit, static_argnames=("k", "dim", "block_size", "normalize"))
-def _search_batch(queries, corpus, scale, *, k, dim, block_size, normalize):
-  q = queries[:, :dim].astype(jnp.float32)
-  q = l2_normalize(q) if normalize else q
-  return blocked_top_k(q, corpus, k, block_size=block_size, scale=scale)
-
-
-def _as_corpus(corpus) -> jax.Array:
-  if isinstance(corpus, jax.Array):
-    return corpus
-  corpus = np.asarray(corpus)
-  if corpus.dtype not in (np.float32, np.float16):
-    corpus = corpus.astype(np.float32)
-  # device_put does not copy a suitably aligned numpy array on CPU.
-  return jax.device_put(corpus)
+# ---------------------------------------------------------------- arrays in, results out
 
 
 def _check_pair(queries, corpus):
@@ -490,97 +379,9 @@ def _check_pair(queries, corpus):
     raise ValueError(f"empty input: queries {queries.shape}, corpus {corpus.shape}")
 
 
-def query_threads(n_batches: int) -> int:
-  """Threads that run a search's query batches at once: one per CPU, on a CPU backend.
-
-  XLA's CPU runtime spreads a matmul over every CPU the process may use but
-  runs the rest of a search (top-k selection, shortlist gathers) on the
-  calling thread, and one process runs its jitted calls one after another
-  however they are dispatched. Batches run from one thread per CPU overlap
-  that serial part: a 32:500,128:50,768:10 funnel over 1M x 768 ran 1.3-1.4x
-  faster on 2 CPUs (1000 queries as two batches, measured side by side).
-  On an accelerator, or with one CPU, batches run one at a time.
-  """
-  if n_batches < 2 or jax.default_backend() != "cpu":
-    return 1
-  return min(n_batches, len(available_cpus()))
-
-
-_EXECUTORS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
-_EXECUTORS_LOCK = threading.Lock()
-
-
-def _executor(threads: int) -> concurrent.futures.ThreadPoolExecutor:
-  with _EXECUTORS_LOCK:
-    if threads not in _EXECUTORS:
-      _EXECUTORS[threads] = concurrent.futures.ThreadPoolExecutor(
-          threads, thread_name_prefix="matryoshka-search")
-    return _EXECUTORS[threads]
-
-
-def run_batches(step, queries, query_batch: int, k: int | None = None):
-  """(scores, indices) of `step` over the fixed-size batches of `queries`, in order.
-
-  Args:
-    step: fn(batch [query_batch, d] float32 numpy) -> (scores, indices),
-      arrays with query_batch rows.
-    queries: [n_q, d] queries; the last batch is zero-padded (one compiled
-      program for all batches) and its padding rows dropped.
-    query_batch: queries per batch.
-    k: columns kept of each result (default: all).
-
-  Batches run on `query_threads` threads at once, at most that many in
-  flight, so memory stays bounded by the batch size; the results are the
-  same as one batch at a time.
-  """
-  n_batches = -(-queries.shape[0] // query_batch)
-  threads = query_threads(n_batches)
-
-  def one(item):
-    q, n = item
-    s, i = step(q)
-    return np.asarray(s[:n, :k]), np.asarray(i[:n, :k])
-
-  if threads == 1:
-    parts = [one(item) for item in _query_batches(queries, query_batch)]
-  else:
-    pool, pending, parts = _executor(threads), collections.deque(), []
-    try:
-      for item in _query_batches(queries, query_batch):
-        pending.append(pool.submit(one, item))
-        if len(pending) >= threads:
-          parts.append(pending.popleft().result())
-      while pending:
-        parts.append(pending.popleft().result())
-    except BaseException:
-      for f in pending:   # A failed batch (or an interrupt) fails the search: start no more.
-        f.cancel()
-      raise
-  return np.concatenate([s for s, _ in parts]), np.concatenate([i for _, i in parts])
-
-
-def _query_batches(queries, query_batch: int):
-  """Yields (batch, n_real): fixed-size float32 batches, the last one zero-padded."""
-  n_q = queries.shape[0]
-  for start in range(0, n_q, query_batch):
-    q = np.asarray(queries[start:start + query_batch], np.float32)
-    n = q.shape[0]
-    if n < query_batch:
-      q = np.pad(q, ((0, query_batch - n), (0, 0)))
-    yield q, n
-
-
-def search(
-    queries,
-    corpus,
-    k: int,
-    *,
-    dim: int | None = None,
-    block_size: int | None = None,
-    query_batch: int | None = None,
-    normalize: bool = True,
-    inv_norms=None,
-) -> tuple[np.ndarray, np.ndarray]:
+def exact_search(queries, corpus, k: int, *, dim: int | None = None,
+                 block_size: int | None = None, query_batch: int | None = None,
+                 normalize: bool = True, inv_norms=None) -> tuple[np.ndarray, np.ndarray]:
   """Exact top-k by cosine (or inner product) at a prefix, walking the corpus in blocks.
 
   Args:
@@ -590,7 +391,7 @@ def search(
     k: number of results per query, in [1, n_docs].
     dim: prefix length used for scoring; None means all d coordinates.
     block_size: corpus rows scored at a time; bounds memory (default: by dim,
-      see `default_sizes`).
+      see `topk.default_sizes`).
     query_batch: queries scored at a time; the last batch is padded so that
       every call reuses one compiled program (default: by dim).
     normalize: re-normalise each prefix (cosine); False scores raw prefixes.
@@ -605,157 +406,43 @@ def search(
   n_docs, full = corpus.shape
   dim = full if dim is None else check_dim(dim, full)
   k = check_k(k, n_docs)
-  block_size, query_batch = default_sizes(dim, n_docs, queries.shape[0], block_size=block_size,
-                                          query_batch=query_batch)
+  block_size, query_batch = topk.default_sizes(dim, n_docs, queries.shape[0],
+                                               block_size=block_size, query_batch=query_batch)
   scale = None
   if normalize:
     scale = prefix_inv_norms(corpus, dim) if inv_norms is None else inv_norms
     if tuple(np.shape(scale)) != (n_docs,):
       raise ValueError(f"inv_norms must have shape ({n_docs},), got {np.shape(scale)}")
     scale = jnp.asarray(scale, jnp.float32)
-  corpus = _as_corpus(corpus)
-  return run_batches(lambda q: _search_batch(q, corpus, scale, k=k, dim=dim,
-                                             block_size=block_size, normalize=normalize),
-                     queries, query_batch)
+  data = (topk.to_device(corpus), scale)
+  return topk.run_batches(
+      lambda q: first_stage(q, data, precision="float32", dim=dim, keep=k, block_size=block_size,
+                            normalize=normalize), queries, query_batch)
 
 
-def exact_search(queries, corpus, k: int, *, dim: int | None = None,
-                 block_size: int | None = None, query_batch: int | None = None,
-                 normalize: bool = True,
-                 inv_norms=None) -> tuple[np.ndarray, np.ndarray]:
-  """The same as `search` (its earlier name, kept for callers)."""
-  return search(queries, corpus, k, dim=dim, block_size=block_size, query_batch=query_batch,
-                normalize=normalize, inv_norms=inv_norms)
-
-
-# ---------------------------------------------------------------- funnel
-
-
-def check_schedule(schedule, full: int, *, n_docs: int | None = None,
-                   k: int | None = None) -> tuple[tuple[int, int], ...]:
-  """Validates a funnel schedule and returns it as a tuple of (dim, keep) int pairs.
-
-  A schedule [(m1, K1), (m2, K2), ...] first keeps the K1 best documents by
-  the m1-dim prefix over the whole corpus, then re-ranks those with m2 dims and
-  keeps K2, and so on: dims strictly increase and counts never increase.
-
-  Args:
-    schedule: sequence of (dim, keep) pairs, e.g. [(32, 1000), (128, 100), (768, 10)].
-    full: the vector size d (dims must be in [1, d]).
-    n_docs: if given, the first keep must be at most the corpus size.
-    k: if given, the last keep must be at least k.
-  """
-  if isinstance(schedule, (str, bytes)) or not isinstance(schedule, Sequence) or not schedule:
-    raise ValueError(f"schedule must be a non-empty sequence of (dim, keep) pairs, got {schedule!r}")
-  stages = []
-  for i, stage in enumerate(schedule):
-    if isinstance(stage, (str, bytes)) or not isinstance(stage, Sequence) or len(stage) != 2:
-      raise ValueError(f"schedule[{i}] must be a (dim, keep) pair, got {stage!r}")
-    dim = check_dim(stage[0], full, name=f"schedule[{i}] dim")
-    keep = check_positive(stage[1], f"schedule[{i}] keep")
-    stages.append((dim, keep))
-  dims = [m for m, _ in stages]
-  keeps = [c for _, c in stages]
-  if any(a >= b for a, b in zip(dims, dims[1:])):
-    raise ValueError(f"schedule dims must strictly increase, got {dims}")
-  if any(a < b for a, b in zip(keeps, keeps[1:])):
-    raise ValueError(f"schedule keeps must not increase, got {keeps}")
-  if n_docs is not None and keeps[0] > n_docs:
-    raise ValueError(
-        f"schedule[0] keep must be at most the corpus size {n_docs}, got {keeps[0]}")
-  if k is not None and keeps[-1] < k:
-    raise ValueError(f"schedule's last keep must be >= k={k}, got {keeps[-1]}")
-  return tuple(stages)
-
-
-def rerank(queries, corpus, candidates, keep: int, *, scale=None, presorted: bool = False):
-  """Re-scores candidate documents with a longer prefix and keeps the best.
-
-  A pure function of arrays (jit-compatible with `keep` static). The shortlist
-  is gathered with indexed reads, a chunk of queries at a time, so memory
-  stays bounded for any number of queries.
-
-  Args:
-    queries: query vectors, with shape [n_queries, dim] (already normalised).
-    corpus: document vectors, with shape [n_docs, d], d >= dim.
-    candidates: corpus indices, with shape [n_queries, n_candidates];
-      indices >= n_docs are padding and never returned (unless keep exceeds
-      the real candidates).
-    keep: how many to keep, in [1, n_candidates].
-    scale: optional inverse prefix norms, with shape [n_docs].
-    presorted: the candidates are already in ascending order.
-
-  Returns:
-    (scores, indices), each with shape [n_queries, keep], best first; ties go
-    to the lower corpus index.
-  """
-  n_q, dim = queries.shape
-  n_docs = corpus.shape[0]
-  n_cand = candidates.shape[1]
-  if not presorted:  # Ascending order makes lax.top_k settle ties by lower index.
-    candidates = jnp.sort(candidates, axis=1)
-
-  def one_query(xs):  # lax.map vmaps this over chunks of queries.
-    q, cand = xs
-    valid = cand < n_docs
-    cand = jnp.where(valid, cand, n_docs - 1)
-    vecs = corpus[cand, :dim].astype(jnp.float32)            # [n_candidates, dim]
-    s = jnp.dot(vecs, q, preferred_element_type=jnp.float32)
-    if scale is not None:
-      s = s * scale[cand]
-    s = jnp.where(valid, s, -jnp.inf)
-    top, pos = jax.lax.top_k(s, keep)
-    return top, cand[pos]
-
-  chunk = max(1, min(n_q, RERANK_FLOATS // max(1, n_cand * dim)))
-  return jax.lax.map(one_query, (queries, candidates), batch_size=chunk)
-
-
-@functools.partial(jax.jit, static_argnames=("schedule", "block_size"))
-def _funnel_batch(queries, corpus, scales, first_stage, *, schedule, block_size):
-  def prefix(m):
-    return l2_normalize(queries[:, :m].astype(jnp.float32))
-
-  m, keep = schedule[0]
-  if first_stage is None:
-    scores, idx = blocked_top_k(prefix(m), corpus, keep, block_size=block_size, scale=scales[0])
-  else:  # Already normalised rows: no per-document scaling.
-    scores, idx = blocked_top_k(prefix(m), first_stage, keep, block_size=block_size)
-  for (m, keep), scale in zip(schedule[1:], scales[1:]):
-    scores, idx = rerank(prefix(m), corpus, idx, keep, scale=scale)
-  return scores, idx
-
-
-def funnel_search(
-    queries,
-    corpus,
-    schedule,
-    *,
-    k: int | None = None,
-    inv_norms: dict | None = None,
-    block_size: int | None = None,
-    query_batch: int | None = None,
-    first_stage=None,
-) -> tuple[np.ndarray, np.ndarray]:
+def funnel_search(queries, corpus, schedule, *, k: int | None = None, inv_norms: dict | None = None,
+                  block_size: int | None = None, query_batch: int | None = None,
+                  first_stage_copy=None) -> tuple[np.ndarray, np.ndarray]:
   """Adaptive retrieval: shortlist with a short prefix, re-rank with longer ones.
 
   As in the Matryoshka Representation Learning paper, the first stage is an
   exact blocked search over the whole corpus at the first (short) prefix; each
   later stage gathers the survivors and re-scores them with a longer,
-  re-normalised prefix. Every stage is cosine at its own prefix.
+  re-normalised prefix. Every stage is cosine at its own prefix. (Quantised
+  stages need an index's stores: `MatryoshkaIndex.search`.)
 
   Args:
     queries: query vectors, with shape [n_queries, d].
     corpus: document vectors, with shape [n_docs, d] (float32 or float16).
-    schedule: (dim, keep) pairs, e.g. [(32, 1000), (128, 100), (768, 10)];
-      see `check_schedule`.
+    schedule: float stages, e.g. "32:1000,128:100,768:10" or
+      [(32, 1000), (128, 100), (768, 10)]; see `check_schedule`.
     k: results per query (default: the last stage's keep, which must be >= k).
     inv_norms: optional {dim: prefix_inv_norms(corpus, dim)} for the
       schedule's dims, each with shape [n_docs]; missing ones are computed.
     block_size: corpus rows scored at a time in the first stage (default:
-      by the first stage's dim, see `default_sizes`).
+      by the first stage's dim, see `topk.default_sizes`).
     query_batch: queries processed at a time (default: by the first stage's dim).
-    first_stage: optional `normalized_prefix(corpus, m1)` for the first
+    first_stage_copy: optional `normalized_prefix(corpus, m1)` for the first
       stage's dim m1, with shape [n_docs, m1]: the first stage scans it
       instead of the full-size rows (faster; an index keeps one).
 
@@ -765,30 +452,27 @@ def funnel_search(
   """
   _check_pair(queries, corpus)
   n_docs, full = corpus.shape
-  schedule = check_schedule(schedule, full, n_docs=n_docs, k=k)
-  k = schedule[-1][1] if k is None else check_k(k, n_docs)
-  block_size, query_batch = default_sizes(schedule[0][0], n_docs, queries.shape[0],
-                                          block_size=block_size, query_batch=query_batch,
-                                          contiguous=first_stage is not None,
-                                          k=schedule[0][1])
-  inv_norms = dict(inv_norms or {})
-  scales = []
-  for m, _ in schedule:
-    scale = inv_norms[m] if m in inv_norms else prefix_inv_norms(corpus, m)
+  stages = check_schedule(schedule, full, n_docs=n_docs, k=k)
+  if any(st.precision != "float32" for st in stages):
+    raise InputError(f"funnel_search takes float32 stages, got {format_schedule(stages)}; "
+                     f"quantised stages read an index's stores (MatryoshkaIndex.search)")
+  k = stages[-1].keep if k is None else check_k(k, n_docs)
+  norms = {}
+  for m, scale in dict(inv_norms or {}).items():
     if tuple(np.shape(scale)) != (n_docs,):
       raise ValueError(f"inv_norms[{m}] must have shape ({n_docs},), got {np.shape(scale)}")
-    scales.append(jnp.asarray(scale, jnp.float32))
-  if first_stage is not None:
-    want = (n_docs, schedule[0][0])
-    if tuple(np.shape(first_stage)) != want or first_stage.dtype != np.float32:
-      raise ValueError(f"first_stage must be float32 with shape {want} (the first stage's "
-                       f"normalised prefix), got {first_stage.dtype} {tuple(np.shape(first_stage))}")
-    first_stage = _as_corpus(first_stage)
-  corpus = _as_corpus(corpus)
-  scales = tuple(scales)
-  return run_batches(lambda q: _funnel_batch(q, corpus, scales, first_stage, schedule=schedule,
-                                             block_size=block_size),
-                     queries, query_batch, k)
+    norms[m] = np.asarray(scale, np.float32)
+  prefixes = {}
+  if first_stage_copy is not None:
+    want = (n_docs, stages[0].dim)
+    if tuple(np.shape(first_stage_copy)) != want or first_stage_copy.dtype != np.float32:
+      raise ValueError(f"first_stage_copy must be float32 with shape {want} (the first stage's "
+                       f"normalised prefix), got {first_stage_copy.dtype} "
+                       f"{tuple(np.shape(first_stage_copy))}")
+    prefixes[stages[0].dim] = first_stage_copy
+  arrays = SearchArrays(corpus, inv_norms=norms, prefixes=prefixes)
+  return arrays.search(queries, stages, k, block_size=block_size, query_batch=query_batch,
+                       copy=first_stage_copy is not None)
 
 
 # The funnel cost model: milliseconds per query on the CPU it was measured on
@@ -797,7 +481,7 @@ def funnel_search(
 # least squares (the script prints the fit). Other machines scale it; the
 # planner only ranks estimates and compares them with full-size exact search.
 # Scanning, per million documents: base, per dim up to 256, per dim beyond
-# (longer prefixes use larger, more efficient tiles; see default_sizes).
+# (longer prefixes use larger, more efficient tiles; see topk.default_sizes).
 _SCAN_MS = (0.460, 0.0233, 0.0237)
 # Selecting the first stage's keep, per thousand kept: base, per dim (top-k of
 # group maxima, then re-scoring the members of the best groups).

@@ -66,7 +66,7 @@ from adaptor import interrupts
 from adaptor.data import (InputError, atomic_file, check_embeddings, fingerprint, fsync_dir,
                           load_npy, member_path, vectors_from_arrow)
 from adaptor.model import apply_adaptor, warn_untrained_dim
-from adaptor.search import check_dim
+from adaptor.checks import check_dim
 
 DEFAULT_BATCH_SIZE = 8192      # the default of `Adaptor.apply`, so results match it bit for bit
 DEFAULT_SHARD_ROWS = 262_144   # 32 batches; 32 MiB per shard at dim 64 in float16

@@ -298,7 +298,7 @@ def worker_memory(cfg: Config, extra: dict, threads: str) -> dict:
     from common import PeakPss
     index = MatryoshkaIndex.load(path, workers=None)
     queries = _synthetic(cfg, min(cfg.n_queries, 256 * index.workers), 2)
-    with PeakPss([os.getpid(), *index._pool.pids]) as pss:
+    with PeakPss([os.getpid(), *index.worker_pids]) as pss:
       index.search_rows(queries, cfg.k, adapted=True)
       index.search_rows(queries, cfg.k, schedule=[tuple(s) for s in extra["schedule"]],
                         adapted=True)

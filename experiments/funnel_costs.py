@@ -73,12 +73,12 @@ def measure(cfg: Config) -> dict:
   import jax
   import jax.numpy as jnp
 
-  import importlib
-  search_lib = importlib.import_module("adaptor.search")
+  from adaptor import topk
   from adaptor.index import MatryoshkaIndex
+  from adaptor.truncation import aligned_empty, truncate
 
   vectors = synthetic(cfg.n_docs, cfg.d, cfg.seed, 1,
-                      out=search_lib.aligned_empty((cfg.n_docs, cfg.d), np.float32))
+                      out=aligned_empty((cfg.n_docs, cfg.d), np.float32))
   vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
   index = MatryoshkaIndex(vectors, [str(i) for i in range(cfg.n_docs)])
   queries = synthetic(cfg.n_queries, cfg.d, cfg.seed, 2)
@@ -99,16 +99,16 @@ def measure(cfg: Config) -> dict:
       res["first"].append({"dim": m, "keep": keep, "ms": ms})
       print(f"first stage {m}:{keep}: {ms:.3f} ms/query", flush=True)
 
-  corpus = index._corpus()
+  corpus = topk.to_device(index.vectors)
   rng = np.random.default_rng(cfg.seed)
   for m in cfg.rerank_dims:
-    scale = index._device_norms(m)
-    q = jnp.asarray(search_lib.truncate(jnp.asarray(queries), m))
+    scale = jnp.asarray(index.prefix_inv_norms(m))
+    q = jnp.asarray(truncate(jnp.asarray(queries), m))
     for prev in cfg.rerank_inputs:
       cand = jnp.asarray(np.sort(rng.choice(cfg.n_docs, (n_q, prev)), axis=1).astype(np.int32))
       for keep in sorted({10, min(100, prev // 2)}):
-        fn = jax.jit(lambda q, c, x, s, keep=keep: search_lib.rerank(q, x, c, keep, scale=s,
-                                                                       presorted=True))
+        fn = jax.jit(lambda q, c, x, s, keep=keep, m=m: topk.rerank(
+            topk.float_scorer(m), q, (x, s), c, keep, presorted=True))
         ms = per_query_ms(lambda: jax.block_until_ready(fn(q, cand, corpus, scale)))
         res["rerank"].append({"inputs": prev, "dim": m, "keep": keep, "ms": ms})
         print(f"re-rank {prev} -> {m}:{keep}: {ms:.3f} ms/query", flush=True)
@@ -143,8 +143,7 @@ def fit(cfg: Config, res: dict) -> dict:
 
 
 def _tables(cfg: Config, res: dict) -> str:
-  import importlib
-  search_lib = importlib.import_module("adaptor.search")
+  import adaptor.search as search_lib
   n, d = cfg.n_docs, cfg.d
   exact = search_lib.schedule_cost(((d, 10),), n)
   lines = [f"Funnel stage costs, {n:,} x {d} float32, {cfg.n_queries} queries, one thread "

@@ -137,6 +137,7 @@ def get_adaptor(cfg: Config, data, model_name: str, setting: str):
 def run_model(cfg: Config, model_name: str) -> dict:
   import adaptor
   from adaptor import budget, quant
+  from adaptor.search import format_schedule
   from adaptor.index import MatryoshkaIndex
 
   data = adaptor.load_beir(cfg.data, model_name)
@@ -164,7 +165,7 @@ def run_model(cfg: Config, model_name: str) -> dict:
                               repeats=cfg.repeats)
     plan_s = time.perf_counter() - t
     # Test nDCG@10 of every measured configuration, on an index holding the stores they read.
-    work = index._view()
+    work = index.view()
     needed = {st for c in plan.candidates for st in budget.stores_for(c.schedule)}
     binary = [m for p, m in needed if p == "binary"]
     if binary:
@@ -195,7 +196,7 @@ def run_model(cfg: Config, model_name: str) -> dict:
         "test_full": test[next(i for i, c in enumerate(plan.candidates)
                               if c.schedule == ((d, k, "float32"),))],
         "chosen": chosen, "st_recipe": st, "st_recipe_library": st_lib,
-        "st_schedule": quant.format_schedule(((d, cfg.st_multiplier * k, "binary"),
+        "st_schedule": format_schedule(((d, cfg.st_multiplier * k, "binary"),
                                               (d, k, "int8"))),
         "frontier": frontier,
         "candidates": [{**c.to_dict(), "test_ndcg": t_} for c, t_ in zip(plan.candidates, test)]}
@@ -287,10 +288,8 @@ def frontier_table(cfg: Config, res: dict, model_name: str, setting: str) -> str
 
 def speed(cfg: Config) -> dict:
   """Exact top-k ms/query over a synthetic corpus: float32 vs int8 vs binary at each dim."""
-  import importlib
   from adaptor.index import MatryoshkaIndex
-  from adaptor.search import aligned_empty
-  search_lib = importlib.import_module("adaptor.search")
+  from adaptor.truncation import aligned_empty
   rng = np.random.default_rng(cfg.seed)
   # Coordinate variance decays along the vector, as in experiments/bench_search.py.
   scale = np.linspace(1.0, 0.2, cfg.d).astype(np.float32)
@@ -309,13 +308,9 @@ def speed(cfg: Config) -> dict:
   for m in cfg.speed_dims:
     out[str(m)] = {}
     for precision in ("float32", "int8", "binary"):
-      if precision == "float32":
-        # The library's exact search with its own default block and batch sizes.
-        run = functools.partial(search_lib.search, queries, index._corpus(), cfg.k, dim=m,
-                                inv_norms=index.prefix_inv_norms(m))
-      else:
-        run = functools.partial(index.search_rows, queries, cfg.k, dim=m, precision=precision,
-                                adapted=True)
+      # The library's exact search with its own default block and batch sizes.
+      run = functools.partial(index.search_rows, queries, cfg.k, dim=m, precision=precision,
+                              adapted=True)
       run()                                                     # compiles
       sec = median_time(run, cfg.speed_repeats)
       out[str(m)][precision] = {"ms_per_query": 1000 * sec / cfg.n_queries,

@@ -11,7 +11,7 @@ import adaptor
 from adaptor import index as index_lib
 from adaptor.index import MatryoshkaIndex, plan_schedule
 from adaptor.model import MatryoshkaAdaptor
-from adaptor.search import search
+from adaptor.search import exact_search as search
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "scifact"
 EMB = DATA / "embeddings" / "all-MiniLM-L6-v2"

@@ -79,14 +79,14 @@ def test_workers_return_exactly_what_one_process_returns(data):
   index = _index(corpus)
   index.start_workers(2)
   try:
-    assert index.workers == 2 and len(set(index._pool.pids)) == 2
+    assert index.workers == 2 and len(set(index.worker_pids)) == 2
     assert _ours() == before   # Files are unlinked once every worker has mapped them.
     _assert_same(_results(index, queries), ref)
     one = {name: index.search(queries[:1], 10, **how) for name, how in CASES}
     _assert_same(one, {name: (s[:1], i[:1]) for name, (s, i) in ref.items()})
     assert _ours() == before   # Also the arrays shared with a request (new norms, copies).
     # Each worker may only run on its own CPU (XLA then uses that one alone).
-    for pid, cpu in zip(index._pool.pids, index._pool.cpus):
+    for pid, cpu in zip(index.worker_pids, index.worker_cpus):
       assert os.sched_getaffinity(pid) == {cpu}
     # The index's arrays now live in shared memory and are the same values.
     np.testing.assert_array_equal(index.vectors, corpus / np.linalg.norm(corpus, axis=1,
@@ -96,7 +96,7 @@ def test_workers_return_exactly_what_one_process_returns(data):
     mine = _mapping_at(os.getpid(), index.vectors.ctypes.data)
     assert "s" in mine["perms"] and Path(mine["path"].removesuffix(" (deleted)")).name.startswith(
         "matryoshka-"), mine
-    for pid in index._pool.pids:
+    for pid in index.worker_pids:
       theirs = [m for m in _mappings(pid) if (m["dev"], m["inode"]) == (mine["dev"], mine["inode"])]
       assert theirs and all("s" in m["perms"] for m in theirs), (pid, theirs)
   finally:
@@ -115,9 +115,9 @@ def test_add_and_add_store_restart_the_workers(data):
   index = _index(corpus)
   index.start_workers(2)
   try:
-    old = index._pool.pids
+    old = index.worker_pids
     index.add(extra)
-    assert index.workers == 2 and index._pool.pids != old
+    assert index.workers == 2 and index.worker_pids != old
     index.add_store("binary", 32)
     _assert_same(_results(index, queries), _results(ref_index, queries))
     how = {"dim": 32, "precision": "binary"}
@@ -132,7 +132,7 @@ def test_a_dead_worker_fails_the_search_and_the_index_carries_on(data):
   ref = _index(corpus).search(queries, 10, dim=16)
   index = _index(corpus)
   index.start_workers(2)
-  pids = index._pool.pids
+  pids = index.worker_pids
   try:
     os.kill(pids[1], signal.SIGKILL)
     with pytest.raises(WorkerError, match=rf"worker 1 \(pid {pids[1]}, CPU \d+\) exited with code -9"):
@@ -231,11 +231,13 @@ def test_cli_search_with_workers_writes_the_same_run(data, tmp_path):
 
 def test_a_worker_that_cannot_map_the_index_fails_the_start(data):
   from adaptor.pool import SearchPool
+  from adaptor.search import SearchArrays
   corpus, queries = data
   index = _index(corpus)
   shared = SharedArrays()
-  index.vectors = shared.share(index.vectors)
-  os.unlink(shared.spec(index.vectors)[0])   # Gone before the workers map it.
+  vectors = shared.share(index.vectors)
+  os.unlink(shared.spec(vectors)[0])   # Gone before the workers map it.
+  arrays = SearchArrays(vectors, inv_norms={m: index.prefix_inv_norms(m) for m in index.dims})
   with pytest.raises(WorkerError, match=r"worker 0 \(pid \d+\) failed: FileNotFoundError"):
-    SearchPool(index, 2, shared=shared)
+    SearchPool(arrays, 2, shared=shared)
   assert index.workers == 0 and index.search(queries, 3)[1].shape == (37, 3)

@@ -11,8 +11,9 @@ import adaptor
 from adaptor import quant
 from adaptor.index import MatryoshkaIndex
 from adaptor.data import InputError
-from adaptor.quant import parse_schedule, parse_stores
-from adaptor.search import truncate
+from adaptor.quant import parse_stores
+from adaptor.search import Stage, format_schedule, parse_schedule
+from adaptor.truncation import truncate
 
 
 def _unit(x):
@@ -412,8 +413,10 @@ def test_bad_inputs(corpus):
 
 
 def test_cli_parsers():
-  assert parse_schedule("256:400:binary,256:40:int8,768:10") == [
-      (256, 400, "binary"), (256, 40, "int8"), (768, 10)]
+  stages = parse_schedule("256:400:binary, 256:40:int8,768:10")
+  assert stages == (Stage(256, 400, "binary"), Stage(256, 40, "int8"), Stage(768, 10, "float32"))
+  assert format_schedule(stages) == "256:400:binary,256:40:int8,768:10"
+  assert format_schedule([(32, 500), (768, 10, "float32")]) == "32:500,768:10"
   assert parse_stores("binary:768,int8:256") == [("binary", 768), ("int8", 256)]
   for bad in ("256:400:int4", "256", "a:b", "1:2:3:4", ""):
     with pytest.raises(InputError, match="DIM:KEEP"):

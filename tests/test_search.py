@@ -1,16 +1,15 @@
 """Truncation and exact search against brute-force numpy references."""
 
 import functools
-import importlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adaptor.search import exact_search, l2_normalize, truncate
-
-search_lib = importlib.import_module("adaptor.search")  # the module (adaptor.search is also a function)
+from adaptor import topk
+from adaptor.search import exact_search
+from adaptor.truncation import l2_normalize, truncate
 
 
 def _brute(queries, corpus, k, dim):
@@ -97,8 +96,11 @@ def test_exact_search_errors():
 
 # ---------------------------------------------------------------- search, funnel
 
-from adaptor.search import (blocked_top_k, check_schedule, funnel_search, normalized_prefix,
-                            prefix_inv_norms, rerank, schedule_cost, search)
+from adaptor.search import Stage, check_schedule, format_schedule, funnel_search, schedule_cost
+from adaptor.topk import blocked_top_k, float_scorer, rerank
+from adaptor.truncation import normalized_prefix, prefix_inv_norms
+
+search = exact_search
 
 
 def _brute_funnel(queries, corpus, schedule):
@@ -199,24 +201,26 @@ def test_funnel_first_stage_copy_matches_brute_force(schedule):
   queries = rng.normal(size=(5, 32)).astype(np.float32)
   first = normalized_prefix(corpus, schedule[0][0])
   scores, idx = funnel_search(queries, corpus, schedule, block_size=256, query_batch=2,
-                              first_stage=first)
+                              first_stage_copy=first)
   _assert_same_topk(scores, idx, *_brute_funnel(queries, corpus, schedule))
-  with pytest.raises(ValueError, match=r"first_stage must be float32 with shape \(700, 4\)"):
-    funnel_search(queries, corpus, [(4, 10)], first_stage=first[:, :3])
+  with pytest.raises(ValueError, match=r"first_stage_copy must be float32 with shape \(700, 4\)"):
+    funnel_search(queries, corpus, [(4, 10)], first_stage_copy=first[:, :3])
 
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_rerank_plain_and_jitted(jit):
   corpus = jnp.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.8, 0.6]])
   q = jnp.array([[0.0, 1.0]])
-  f = jax.jit(rerank, static_argnums=3) if jit else rerank
-  scores, idx = f(q, corpus, jnp.array([[3, 0, 1]]), 2)
+  plain = lambda q, docs, cand, keep: rerank(float_scorer(2), q, docs, cand, keep)
+  f = jax.jit(plain, static_argnums=3) if jit else plain
+  scores, idx = f(q, (corpus, None), jnp.array([[3, 0, 1]]), 2)
   np.testing.assert_allclose(np.asarray(scores), [[0.8, 0.6]], atol=1e-6)
   np.testing.assert_array_equal(np.asarray(idx), [[1, 3]])
 
 
 def test_schedule_validation_and_cost():
-  assert check_schedule([(2, 5), [4, 3]], 4) == ((2, 5), (4, 3))
+  assert check_schedule([(2, 5), [4, 3]], 4) == (Stage(2, 5), Stage(4, 3, "float32"))
+  assert check_schedule("2:5,4:3", 4) == check_schedule([(2, 5), (4, 3)], 4)
   with pytest.raises(ValueError, match="dims must strictly increase, got \\[4, 2\\]"):
     check_schedule([(4, 5), (2, 3)], 4)
   with pytest.raises(ValueError, match="keeps must not increase"):
@@ -272,29 +276,29 @@ def test_default_sizes_follow_the_cpus_the_process_may_use(monkeypatch):
   # Pinned to one CPU (a single-threaded run or a search worker), XLA runs
   # the matmul on that CPU alone and smaller tiles win (see default_sizes).
   n, nq = 1_000_000, 4096
-  monkeypatch.setattr(search_lib, "available_cpus", lambda: [0, 1])
-  several = {(dim, c): search_lib.default_sizes(dim, n, nq, contiguous=c, k=100)
+  monkeypatch.setattr(topk, "available_cpus", lambda: [0, 1])
+  several = {(dim, c): topk.default_sizes(dim, n, nq, contiguous=c, k=100)
              for dim in (64, 256, 768) for c in (False, True)}
-  monkeypatch.setattr(search_lib, "available_cpus", lambda: [0])
-  one = {key: search_lib.default_sizes(key[0], n, nq, contiguous=key[1], k=100) for key in several}
+  monkeypatch.setattr(topk, "available_cpus", lambda: [0])
+  one = {key: topk.default_sizes(key[0], n, nq, contiguous=key[1], k=100) for key in several}
   assert several[(64, True)] == (4096, 1024) and one[(64, True)] == (1024, 512)
   assert several[(256, False)] == (1024, 512) and one[(256, False)] == (1024, 256)
   assert several[(768, False)] == one[(768, False)] == (4096, 1024)
   assert several[(64, False)] == one[(64, False)] == (1024, 256)
   # Given sizes are kept, and both are clipped to the corpus and the queries.
-  assert search_lib.default_sizes(64, 500, 7, contiguous=True, k=100) == (500, 7)
-  assert search_lib.default_sizes(64, n, nq, block_size=2048, query_batch=64) == (2048, 64)
+  assert topk.default_sizes(64, 500, 7, contiguous=True, k=100) == (500, 7)
+  assert topk.default_sizes(64, n, nq, block_size=2048, query_batch=64) == (2048, 64)
 
 
 def test_default_sizes_give_every_cpu_a_batch(monkeypatch):
   # Several CPUs: batches of at most ceil(n_queries / cpus), rounded up to 8,
   # so that run_batches has one for each CPU; one CPU keeps whole batches.
-  monkeypatch.setattr(search_lib, "available_cpus", lambda: [0, 1])
-  assert search_lib.default_sizes(768, 1_000_000, 1000) == (4096, 504)
-  assert search_lib.default_sizes(32, 1_000_000, 1000, contiguous=True, k=500) == (4096, 504)
-  assert search_lib.default_sizes(768, 1_000_000, 5) == (4096, 5)   # Clipped to the queries.
-  monkeypatch.setattr(search_lib, "available_cpus", lambda: [0])
-  assert search_lib.default_sizes(768, 1_000_000, 1000) == (4096, 1000)
+  monkeypatch.setattr(topk, "available_cpus", lambda: [0, 1])
+  assert topk.default_sizes(768, 1_000_000, 1000) == (4096, 504)
+  assert topk.default_sizes(32, 1_000_000, 1000, contiguous=True, k=500) == (4096, 504)
+  assert topk.default_sizes(768, 1_000_000, 5) == (4096, 5)   # Clipped to the queries.
+  monkeypatch.setattr(topk, "available_cpus", lambda: [0])
+  assert topk.default_sizes(768, 1_000_000, 1000) == (4096, 1000)
 
 
 def test_run_batches_in_threads_equals_one_at_a_time(monkeypatch):
@@ -318,14 +322,14 @@ def test_run_batches_in_threads_equals_one_at_a_time(monkeypatch):
       running[0] -= 1
     return q * 2, np.argsort(q, axis=1)
 
-  monkeypatch.setattr(search_lib, "available_cpus", lambda: [0])
-  serial = search_lib.run_batches(step, queries, 4, k=3)
+  monkeypatch.setattr(topk, "available_cpus", lambda: [0])
+  serial = topk.run_batches(step, queries, 4, k=3)
   assert most[0] == 1
-  monkeypatch.setattr(search_lib, "available_cpus", lambda: [0, 1, 2])
-  assert search_lib.query_threads(6) == 3 and search_lib.query_threads(1) == 1
+  monkeypatch.setattr(topk, "available_cpus", lambda: [0, 1, 2])
+  assert topk.query_threads(6) == 3 and topk.query_threads(1) == 1
   # 6 batches: two rounds of three (batches 0-2, then 3-5 once 0-2 returned).
   barrier[0] = threading.Barrier(3, timeout=30)
-  threaded = search_lib.run_batches(step, queries, 4, k=3)
+  threaded = topk.run_batches(step, queries, 4, k=3)
   assert barrier[0].n_waiting == 0 and not barrier[0].broken
   assert most[0] == 3   # Three batches ran at once, never more.
   barrier[0] = None
@@ -339,7 +343,7 @@ def test_run_batches_in_threads_equals_one_at_a_time(monkeypatch):
       raise ValueError("batch 3 failed")
     return step(q)
   with pytest.raises(ValueError, match="batch 3 failed"):
-    search_lib.run_batches(failing, queries, 4)
+    topk.run_batches(failing, queries, 4)
 
 
 def test_threaded_search_and_funnel_equal_one_cpu(monkeypatch):
@@ -350,9 +354,9 @@ def test_threaded_search_and_funnel_equal_one_cpu(monkeypatch):
   q = rng.normal(size=(37, 64)).astype(np.float32)
   out = {}
   for cpus in ([0], [0, 1]):
-    monkeypatch.setattr(search_lib, "available_cpus", lambda cpus=cpus: cpus)
-    out[len(cpus)] = (search_lib.search(q, corpus, 7, dim=48),
-                      search_lib.funnel_search(q, corpus, [(16, 100), (64, 7)]))
+    monkeypatch.setattr(topk, "available_cpus", lambda cpus=cpus: cpus)
+    out[len(cpus)] = (exact_search(q, corpus, 7, dim=48),
+                      funnel_search(q, corpus, [(16, 100), (64, 7)]))
   for one, several in zip(out[1], out[2]):
     np.testing.assert_array_equal(one[1], several[1])
     np.testing.assert_allclose(one[0], several[0], atol=1e-6)
@@ -368,18 +372,18 @@ def test_best_groups_and_their_bound():
   rng = np.random.default_rng(11)
   x = rng.normal(size=(3, 2000)).astype(np.float32)
   for k in (1, 10, 100):
-    g, bound = jax.jit(search_lib.best_groups, static_argnames="k")(x, k=k)
+    g, bound = jax.jit(topk.best_groups, static_argnames="k")(x, k=k)
     np.testing.assert_array_equal(np.asarray(g), _np_best_groups(x, k))
     kth = -np.sort(-x, axis=1)[:, k - 1]
     # Just below the k-th best maximum: by the slack, no more.
-    slack = search_lib._BOUND_SLACK
+    slack = topk._BOUND_SLACK
     np.testing.assert_allclose(np.asarray(bound), kth - slack * (1 + np.abs(kth)), rtol=1e-6)
   # Fewer groups than k: all of them, and no bound.
-  g, bound = search_lib.best_groups(x[:, :50], 100)
+  g, bound = topk.best_groups(x[:, :50], 100)
   np.testing.assert_array_equal(np.asarray(g), np.arange(50)[None].repeat(3, 0))
   np.testing.assert_array_equal(np.asarray(bound), -np.inf)
   # Equal maxima everywhere: the lowest groups.
-  g, bound = search_lib.best_groups(np.zeros((2, 2000), np.float32), 100)
+  g, bound = topk.best_groups(np.zeros((2, 2000), np.float32), 100)
   np.testing.assert_array_equal(np.asarray(g), np.arange(100)[None].repeat(2, 0))
   assert np.all(np.asarray(bound) < 0)
 

@@ -9,6 +9,7 @@ from adaptor import quant
 from adaptor.api import load
 from adaptor.cli.common import argument_type, load_queries, write_run
 from adaptor.data import InputError, check_output, load_embeddings
+from adaptor.search import format_schedule, parse_schedule
 from adaptor.index import VECTOR_DTYPES, MatryoshkaIndex, adaptor_fingerprint, plan_schedule
 
 
@@ -50,7 +51,7 @@ def _cmd_build(args):
     interrupts.check(f"nothing written to {args.out}; rerun the command")
     index.save(args.out, overwrite=args.overwrite)
   print(f"saved {index!r} to {args.out} ({time.perf_counter() - t:.1f} s)"
-        + (f"; default schedule {quant.format_schedule(index.schedule)}" if schedule else ""))
+        + (f"; default schedule {format_schedule(index.schedule)}" if schedule else ""))
 
 
 def _cmd_search(args):
@@ -135,7 +136,7 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
   query_args(s)
   how = s.add_mutually_exclusive_group()
   how.add_argument("--dim", type=int, help="prefix length for exact search (default: all)")
-  how.add_argument("--schedule", type=argument_type(quant.parse_schedule),
+  how.add_argument("--schedule", type=argument_type(parse_schedule),
                    help="funnel of DIM:KEEP[:PRECISION] stages, e.g. 32:1000,768:10 or "
                    "256:400:binary,256:40:int8,768:10 (default: the index's planned schedule, "
                    "if it has one, else exact at all dims)")
