@@ -130,12 +130,6 @@ def _vectors_config(dims, quantization, hnsw_dims):
   return config
 
 
-def collection_dims(collection: str, **where) -> tuple[int, ...]:
-  """The prefix sizes a collection made by `create_collection` holds, ascending."""
-  with connect(**where) as client:
-    return _collection_dims(client, collection)
-
-
 def _collection_dims(client, collection: str) -> tuple[int, ...]:
   if not client.collection_exists(collection):
     raise InputError(f"collection {collection!r} must exist (create it with "

@@ -120,14 +120,6 @@ def pack_bits(x) -> jax.Array:
   return jnp.sum(bits * weights, axis=-1, dtype=jnp.uint8)
 
 
-def unpack_bits(packed, dim: int) -> jax.Array:
-  """Inverse of `pack_bits`: 0/1 bits [..., dim] (uint8) from packed bytes [..., >= dim / 8]."""
-  packed = jnp.asarray(packed, jnp.uint8)
-  shifts = jnp.arange(7, -1, -1, dtype=jnp.uint8)
-  bits = (packed[..., :, None] >> shifts) & jnp.uint8(1)
-  return bits.reshape(*packed.shape[:-1], -1)[..., :dim]
-
-
 def _words(x):
   """Packed bytes [..., nb] as uint32 words [..., ceil(nb / 4)] (zero-padded).
 
@@ -201,24 +193,6 @@ def _hamming_rows(q_bytes, rows):
   """Hamming distances [...] between one packed query [nb] and packed rows [..., >= nb]."""
   nb = q_bytes.shape[0]
   return jnp.sum(jax.lax.population_count(rows[..., :nb] ^ q_bytes), axis=-1, dtype=jnp.int32)
-
-
-def hamming_distances(q_bits, doc_bits) -> jax.Array:
-  """All Hamming distances between packed queries and packed documents.
-
-  A pure function (jit-compatible); for large corpora use `hamming_top_k`.
-
-  Args:
-    q_bits: packed queries, with shape [n_q, nb] (uint8, see `pack_bits`).
-    doc_bits: packed documents, with shape [n_docs, >= nb] (uint8); only the
-      first nb bytes are compared (a prefix of nb * 8 bits).
-
-  Returns:
-    int32 [n_q, n_docs]: the number of differing bits.
-  """
-  q_bits = jnp.asarray(q_bits, jnp.uint8)
-  doc_bits = jnp.asarray(doc_bits, jnp.uint8)[:, :q_bits.shape[1]]
-  return _hamming_block(_materialised_t(_words(q_bits)), doc_bits).T
 
 
 def hamming_top_k(q_bits, doc_bits, k: int, *, block_size: int):
@@ -298,10 +272,6 @@ class Int8Calibration:
     if x.ndim != 2 or x.shape[1] != self.dims:
       raise InputError(f"vectors to code must have shape [n, {self.dims}], got {x.shape}")
     return np.clip(np.rint((x - self.offsets) / self.scales), -128, 127).astype(np.int8)
-
-  def dequantize(self, codes) -> np.ndarray:
-    """float32 [n, m] values of int8 codes [n, m]."""
-    return self.offsets + self.scales * np.asarray(codes, np.float32)
 
 
 def calibrate_int8(x, *, calibration_rows: int | None = None, key=None) -> Int8Calibration:

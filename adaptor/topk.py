@@ -315,30 +315,6 @@ def _row_bytes(docs, cols) -> int:
   return out
 
 
-def blocked_top_k(queries, corpus, k: int, *, block_size: int, scale=None):
-  """Exact top-k inner products of float query prefixes, walking the corpus in fixed-size blocks.
-
-  A pure function of arrays (jit-compatible with `k` and `block_size`
-  static). Only the first `queries.shape[1]` columns of the corpus are read;
-  the corpus itself is never copied.
-
-  Args:
-    queries: query vectors, with shape [n_queries, dim] (float32).
-    corpus: document vectors, with shape [n_docs, d] with d >= dim (float32 or
-      float16); only [:, :dim] is scored.
-    k: results per query, in [1, n_docs].
-    block_size: corpus rows scored at a time, in [1, n_docs]; bounds memory.
-    scale: optional per-document factors, with shape [n_docs] (e.g. inverse
-      prefix norms from `prefix_inv_norms`, for cosine scores).
-
-  Returns:
-    (scores, indices), each with shape [n_queries, k], best first; ties go to
-    the lower corpus index.
-  """
-  return top_k_scan(float_scorer(queries.shape[1]), queries, queries, (corpus, scale), k,
-                    block_size=block_size)
-
-
 def merge_top_k(scores, indices, block_scores, block_indices, k):
   # Earlier (lower-index) candidates come first, and lax.top_k keeps the
   # earlier of equal values, so ties always go to the lower corpus index.

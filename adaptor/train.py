@@ -159,16 +159,6 @@ class TrainConfig:
     d["dim_weights"] = None if self.dim_weights is None else list(self.dim_weights)
     return d
 
-  @classmethod
-  def from_dict(cls, d: dict) -> "TrainConfig":
-    d = dict(d)
-    d["weights"] = LossWeights(**d.get("weights", {}))
-    d["dims"] = tuple(d.get("dims", ()))
-    if d.get("dim_weights") is not None:
-      d["dim_weights"] = tuple(d["dim_weights"])
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
-
 
 START_CANDIDATES = ("pca-docs", "pca-docs-queries", "pca-centred")
 

@@ -11,7 +11,7 @@
    `import adaptor` (the package, whose __init__ imports the library) from a module
    that __init__ imports is a cycle; `__version__` comes from adaptor/_version.py.
 2. `import argparse` only in adaptor/cli/: argument parsing is the CLI's business.
-3. No module uses another module's private names: neither
+3. No module (nor any experiment script) uses another module's private names: neither
    `from adaptor.x import _y` nor `x._y` on an imported adaptor module. Helpers
    shared across modules are public in the module that owns them.
 """
@@ -173,3 +173,12 @@ def test_the_checker_catches_what_it_should(tmp_path):
   _, problems = _scan("adaptor.bad", bad)
   assert len(problems) == 3, problems
   assert _cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
+
+
+def test_experiments_use_only_public_names():
+  # Experiments are the library's first users: rule 3 holds for them too (argparse is theirs).
+  problems = []
+  for path in sorted((ROOT.parent / "experiments").glob("*.py")):
+    _, found = _scan(f"experiments.{path.stem}", path)
+    problems += [p for p in found if "argparse" not in p]
+  assert problems == [], "\n".join(problems)

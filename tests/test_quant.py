@@ -52,20 +52,19 @@ def test_pack_unpack_round_trip_and_numpy_layout(m):
   for fn in (quant.pack_bits, jax.jit(quant.pack_bits)):
     packed = np.asarray(fn(x))
     np.testing.assert_array_equal(packed, np.packbits(x > 0, axis=1))
-    np.testing.assert_array_equal(np.asarray(quant.unpack_bits(packed, m)), (x > 0).astype(np.uint8))
 
 
-def test_hamming_distances_exact():
+def test_hamming_distances_exact_on_a_prefix():
   rng = np.random.default_rng(1)
   q = rng.integers(0, 256, (5, 40), dtype=np.uint8)       # 40 bytes: two uint8 chunks
   docs = rng.integers(0, 256, (33, 48), dtype=np.uint8)   # longer rows: a prefix is compared
-  ref = _np_hamming(q, docs)
-  for fn in (quant.hamming_distances, jax.jit(quant.hamming_distances)):
-    out = np.asarray(fn(q, docs))
-    assert out.dtype == np.int32
-    np.testing.assert_array_equal(out, ref)
-  np.testing.assert_array_equal(np.asarray(quant.hamming_distances(q[:, :2], docs)),
-                                _np_hamming(q[:, :2], docs))
+  plain = quant.hamming_top_k
+  for fn in (plain, jax.jit(plain, static_argnames=("k", "block_size"))):
+    for queries in (q, q[:, :2]):
+      h, rows = (np.asarray(a) for a in fn(queries, docs, 33, block_size=33))   # every document
+      assert h.dtype == np.int32
+      assert all(sorted(r) == list(range(33)) for r in rows.tolist())
+      np.testing.assert_array_equal(h, np.take_along_axis(_np_hamming(queries, docs), rows, 1))
 
 
 @pytest.mark.parametrize("n,block", [(300, 64), (300, 100), (300, 300), (20, 7), (97, 32)])
@@ -108,7 +107,7 @@ def test_calibration_codes_and_clipping():
   assert codes.dtype == np.int8
   np.testing.assert_array_equal(codes[:, 0], [-128, 127, -64])       # min -> -128, max -> 127
   np.testing.assert_array_equal(codes[:, 1], [-128, -128, -128])     # constant dim: exact
-  np.testing.assert_allclose(cal.dequantize(codes), x, atol=np.max(cal.scales) / 2 + 1e-6)
+  np.testing.assert_allclose(cal.offsets + cal.scales * codes, x, atol=np.max(cal.scales) / 2 + 1e-6)
   out = cal.quantize(np.array([[-3.0, 9.0, 6.0], [4.0, -9.0, -6.0]], np.float32))
   # Clipped outside the calibrated range (the constant dim has scale 1: 9 -> 9 - 129).
   np.testing.assert_array_equal(out, [[-128, -120, 127], [127, -128, -128]])

@@ -97,7 +97,7 @@ def test_exact_search_errors():
 # ---------------------------------------------------------------- search, funnel
 
 from adaptor.search import Stage, check_schedule, format_schedule, funnel_search, schedule_cost
-from adaptor.topk import blocked_top_k, float_scorer, rerank
+from adaptor.topk import float_scorer, rerank, top_k_scan
 from adaptor.truncation import normalized_prefix, prefix_inv_norms
 
 search = exact_search
@@ -136,14 +136,14 @@ def test_search_matches_brute_force_float16_too(n_docs, k, block, dim, n_q):
 
 
 @pytest.mark.parametrize("jit", [False, True])
-def test_blocked_top_k_plain_and_jitted(jit):
+def test_top_k_scan_plain_and_jitted(jit):
   rng = np.random.default_rng(3)
   corpus = rng.normal(size=(1100, 16)).astype(np.float32)
   q = np.asarray(truncate(jnp.asarray(rng.normal(size=(4, 16)), jnp.float32), 8))
   scale = prefix_inv_norms(corpus, 8)
-  f = functools.partial(blocked_top_k, k=7, block_size=512)
+  f = lambda q, corpus, scale: top_k_scan(float_scorer(8), q, q, (corpus, scale), 7, block_size=512)
   f = jax.jit(f) if jit else f
-  scores, idx = f(jnp.asarray(q), jnp.asarray(corpus), scale=jnp.asarray(scale))
+  scores, idx = f(jnp.asarray(q), jnp.asarray(corpus), jnp.asarray(scale))
   _assert_same_topk(np.asarray(scores), np.asarray(idx), *_brute(q, corpus, 7, 8))
 
 
