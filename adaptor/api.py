@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 from flax import nnx
@@ -108,6 +109,36 @@ class Adaptor:
     checkpoint.save(directory, nnx.state(self.module, nnx.Param), config, overwrite=overwrite)
 
 
+def read_adaptor_config(config: dict, where) -> tuple[AdaptorConfig | None, list[str]]:
+  """The adaptor config in a checkpoint's config.json, and what is wrong with it.
+
+  Args:
+    config: the parsed config.json.
+    where: its path, named in the problems.
+
+  Returns:
+    (config or None, problems): the library version must match ours in
+    major.minor, and the 'adaptor' section must be a valid `AdaptorConfig`.
+  """
+  problems, cfg = [], None
+  found = config.get("library_version")
+  if str(found).split(".")[:2] != __version__.split(".")[:2]:
+    problems.append(f"{where}: expected a checkpoint from matryoshka-adaptor {__version__} "
+                    f"(same major.minor), found library_version {found!r}")
+  try:
+    cfg = AdaptorConfig.from_dict(config["adaptor"])
+  except (KeyError, TypeError, ValueError) as e:
+    problems.append(f"{where}: expected a valid 'adaptor' section, found error: "
+                    f"{type(e).__name__}: {e}")
+  return cfg, problems
+
+
+def abstract_module(cfg: AdaptorConfig) -> MatryoshkaAdaptor:
+  """The adaptor module `cfg` describes, with shapes and no values (what a checkpoint restores into)."""
+  return nnx.eval_shape(lambda: MatryoshkaAdaptor(
+      cfg.d_in, d_out=cfg.d_out, hidden=cfg.hidden, reorder=cfg.reorder, rngs=nnx.Rngs(0)))
+
+
 def load(directory, *, d_in: int | None = None) -> Adaptor:
   """Loads an adaptor saved by `Adaptor.save`, validating its config and arrays.
 
@@ -117,21 +148,13 @@ def load(directory, *, d_in: int | None = None) -> Adaptor:
       for another size is refused.
   """
   config = checkpoint.read_config(directory)
-  found = config.get("library_version")
-  if str(found).split(".")[:2] != __version__.split(".")[:2]:
-    raise CheckpointError(
-        f"{directory}: expected a checkpoint from matryoshka-adaptor {__version__} "
-        f"(same major.minor), found library_version {found!r}")
-  try:
-    cfg = AdaptorConfig.from_dict(config["adaptor"])
-  except (KeyError, TypeError, ValueError) as e:
-    raise CheckpointError(f"{directory}/config.json: expected a valid 'adaptor' section, found error: {e}") from None
+  cfg, problems = read_adaptor_config(config, Path(directory) / checkpoint.CONFIG)
+  if problems:
+    raise CheckpointError(problems[0])
   if d_in is not None and cfg.d_in != d_in:
     raise CheckpointError(
         f"{directory}: adaptor expects embeddings with d_in={cfg.d_in}, but the embeddings have d={d_in}")
-  abstract = nnx.eval_shape(lambda: MatryoshkaAdaptor(
-      cfg.d_in, d_out=cfg.d_out, hidden=cfg.hidden, reorder=cfg.reorder, rngs=nnx.Rngs(0)))
-  graphdef, target, rest = nnx.split(abstract, nnx.Param, ...)
+  graphdef, target, rest = nnx.split(abstract_module(cfg), nnx.Param, ...)
   state, _ = checkpoint.load(directory, target)
   module = nnx.merge(graphdef, state, rest)
   module.config = cfg

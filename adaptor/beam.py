@@ -194,13 +194,6 @@ def _check_out_dim(dim, d_out: int) -> int:
     raise InputError(f"{e} (the adaptor's d_out)") from None
 
 
-def _check_positive(value, name: str) -> int:
-  try:
-    return check_positive(value, name)
-  except ValueError as e:  # An InputError, which run_pipeline's callers catch as bad input.
-    raise InputError(str(e)) from None
-
-
 # ---------------------------------------------------------------------------
 # Inference
 
@@ -226,9 +219,9 @@ class AdaptorModelHandler(ModelHandler[np.ndarray, Any, Adaptor]):
 
   def __init__(self, checkpoint, *, dim: int | None = None, dtype="float32",
                batch_size: int = BATCH_SIZE, prediction_result: bool = False):
-    batch_size = _check_positive(batch_size, "batch_size")
+    batch_size = check_positive(batch_size, "batch_size")
     if dim is not None:
-      _check_positive(dim, "dim")  # Its upper bound, d_out, is known once the model is loaded.
+      check_positive(dim, "dim")  # Its upper bound, d_out, is known once the model is loaded.
     # min == max: a batch below the padded size wastes device work, so Beam should
     # only emit a smaller one at the end of a bundle.
     super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
@@ -511,7 +504,7 @@ class ReadEmbeddings(beam.PTransform):
     super().__init__()
     self._column = column
     self._ids_column = ids_column
-    self._rows_per_split = _check_positive(rows_per_split, "rows_per_split")
+    self._rows_per_split = check_positive(rows_per_split, "rows_per_split")
     self._d_in = d_in
     self.shards = find_shards(inputs, column=column, ids_column=ids_column, d_in=d_in)
 
@@ -665,7 +658,7 @@ class WriteEmbeddings(beam.PTransform):
     self._column = column
     self._ids_column = ids_column
     self._expected_rows = dict(expected_rows) if expected_rows is not None else None
-    self._rows_per_split = _check_positive(rows_per_split, "rows_per_split")
+    self._rows_per_split = check_positive(rows_per_split, "rows_per_split")
     self._metadata = dict(metadata or {})
     if self._expected_rows is not None:
       _check_outputs(self._output, self._expected_rows)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from adaptor.checks import InputError  # Defined with the argument checks; raised all over data I/O.
+
 # Row chunks for scans hold at most this many bytes (and at most _CHUNK_ROWS
 # rows), which bounds the temporaries of isnan/isinf on wide arrays too.
 _CHUNK_BYTES = 64 * 2**20
@@ -37,10 +39,6 @@ _QRELS_SPLITS = ("train", "dev", "test")
 # (its NORM_EPS) as zero, and a float32 squared norm above float32's max is Inf.
 _MIN_NORM = 1e-12
 _MAX_SQ_NORM = float(np.finfo(np.float32).max)
-
-
-class InputError(ValueError):
-  """Bad user input: a file, array, id list or qrels that cannot be used."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 from adaptor import data
-from adaptor._version import __version__
 from adaptor.data import InputError
 
 # Files that make a directory a checkpoint (see adaptor.checkpoint).
@@ -169,9 +168,11 @@ def _id_problems(ids_path: Path, n: int | None, where: str) -> list[str]:
 
 
 def _inspect_checkpoint(path: Path) -> tuple[str, list[str]]:
+  from flax import nnx
+
   from adaptor import checkpoint
+  from adaptor.api import abstract_module, read_adaptor_config
   from adaptor.checkpoint import CheckpointError
-  from adaptor.model import AdaptorConfig
 
   problems = [f"{path}: expected every file inside the checkpoint folder, found links "
               f"leaving it: {p}" for p in data.links_leaving(path)]
@@ -193,15 +194,8 @@ def _inspect_checkpoint(path: Path) -> tuple[str, list[str]]:
     if config.get("format_version") != checkpoint.FORMAT_VERSION:
       problems.append(f"{config_path}: expected format_version {checkpoint.FORMAT_VERSION}, "
                       f"found {config.get('format_version')!r}")
-    found = config.get("library_version")
-    if str(found).split(".")[:2] != __version__.split(".")[:2]:
-      problems.append(f"{config_path}: expected library_version {__version__} (same "
-                      f"major.minor), found {found!r}")
-    try:
-      cfg = AdaptorConfig.from_dict(config["adaptor"])
-    except (KeyError, TypeError, ValueError) as e:
-      problems.append(f"{config_path}: expected a valid 'adaptor' section, found error: "
-                      f"{type(e).__name__}: {e}")
+    cfg, found = read_adaptor_config(config, config_path)
+    problems += found
   params = path / checkpoint.PARAMS
   if not params.is_dir():
     problems.append(f"{params}: expected an orbax checkpoint directory, found none")
@@ -209,7 +203,7 @@ def _inspect_checkpoint(path: Path) -> tuple[str, list[str]]:
     try:
       nested = checkpoint.read_params(params)
       if cfg is not None:
-        checkpoint.fit_to_target(nested, _abstract_params(cfg), params)
+        checkpoint.fit_to_target(nested, nnx.state(abstract_module(cfg), nnx.Param), params)
     except CheckpointError as e:
       problems.append(str(e))
   summary = "a checkpoint" if cfg is None else (
@@ -288,13 +282,3 @@ def _inspect_beam_output(path: Path) -> tuple[str, list[str]]:
                     "the same pipeline over this folder stopped before the end)")
   return (f"a Beam apply output ({len(manifest['files'])} files, {manifest.get('rows')} rows, "
           f"dim {dim}, {dtype})"), problems
-
-
-def _abstract_params(cfg):
-  from flax import nnx
-
-  from adaptor.model import MatryoshkaAdaptor
-
-  abstract = nnx.eval_shape(lambda: MatryoshkaAdaptor(
-      cfg.d_in, d_out=cfg.d_out, hidden=cfg.hidden, reorder=cfg.reorder, rngs=nnx.Rngs(0)))
-  return nnx.state(abstract, nnx.Param)

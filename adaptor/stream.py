@@ -66,7 +66,7 @@ from adaptor import interrupts
 from adaptor.data import (InputError, atomic_file, check_embeddings, fingerprint, fsync_dir,
                           load_npy, member_path, vectors_from_arrow)
 from adaptor.model import apply_adaptor, warn_untrained_dim
-from adaptor.checks import check_dim
+from adaptor.checks import check_dim, check_positive
 
 DEFAULT_BATCH_SIZE = 8192      # the default of `Adaptor.apply`, so results match it bit for bit
 DEFAULT_SHARD_ROWS = 262_144   # 32 batches; 32 MiB per shard at dim 64 in float16
@@ -689,9 +689,8 @@ def apply_files(
     raise InputError(f"dtype must be float32 or float16, got {dtype}")
   if output_format not in _FORMATS:
     raise InputError(f"output_format must be one of {list(_FORMATS)}, got {output_format!r}")
-  for name, v in (("shard_rows", shard_rows), ("batch_size", batch_size)):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-      raise InputError(f"{name} must be a positive int, got {v!r}")
+  shard_rows = check_positive(shard_rows, "shard_rows")
+  batch_size = check_positive(batch_size, "batch_size")
   sources = _open_sources(inputs, column=column, id_column=id_column, d_in=cfg.d_in)
   total = sum(s.rows for s in sources)
   starts = np.cumsum([0] + [s.rows for s in sources])[:-1].tolist()

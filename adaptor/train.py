@@ -173,7 +173,7 @@ def auto_query_fraction(n_queries: int) -> float:
   return min(0.8, n_queries / (n_queries + 200.0))
 
 
-def _check_positive(config: TrainConfig):
+def _check_config(config: TrainConfig):
   for name in ("batch_size", "neighbours", "query_batch",
                "hard_negatives", "negatives_from", "max_positives", "eval_every", "patience"):
     v = getattr(config, name)
@@ -576,7 +576,7 @@ def _resolve_config(config: TrainConfig | None, *, seed, dims, overrides: dict) 
     overrides["dims"] = tuple(dims)
   if overrides:
     config = dataclasses.replace(config, **overrides)
-  _check_positive(config)
+  _check_config(config)
   return config
 
 
