@@ -287,11 +287,9 @@ class MatryoshkaIndex:
 
   def view(self) -> "MatryoshkaIndex":
     """A new index sharing this one's vectors, ids, norms and stores; stores added to it are its own."""
-    a = self._arrays
-    view = MatryoshkaIndex(a.vectors, self.ids, adaptor=self.adaptor, precision=self.precision,
-                           inv_norms=a.inv_norms, block_size=self.block_size, stores=a.stores,
-                           schedule=self.schedule)
-    view._arrays.prefixes = a.prefixes   # Shared: made once, by whichever searches first.
+    view = MatryoshkaIndex(self.vectors, self.ids, adaptor=self.adaptor, precision=self.precision,
+                           block_size=self.block_size, schedule=self.schedule)
+    view._arrays = self._arrays.view()
     view._row_of = self._row_of
     return view
 

@@ -260,6 +260,13 @@ class SearchArrays:
                                              out=self.alloc((self.n, dim), np.float32))
     return self.prefixes[dim]
 
+  def view(self) -> "SearchArrays":
+    """New arrays sharing these (vectors, norms, first-stage copies, device copies) with their own stores."""
+    out = SearchArrays(self.vectors, stores=self.stores)
+    out.inv_norms, out.prefixes, out._device, out.alloc = (self.inv_norms, self.prefixes,
+                                                           self._device, self.alloc)
+    return out
+
   def store_for(self, precision: str, dim: int):
     """The smallest store of `precision` holding the `dim`-prefix; InputError if none does."""
     found = [m for p, m in self.stores if p == precision and m >= dim]
