@@ -155,13 +155,8 @@ class MatryoshkaIndex:
     """[n, d] unit-norm rows (float32 or float16)."""
     return self._arrays.vectors
 
-  @property
-  def n(self) -> int:
-    return self.vectors.shape[0]
-
-  @property
-  def d(self) -> int:
-    return self.vectors.shape[1]
+  n = property(lambda self: self._arrays.n, doc="The number of documents.")
+  d = property(lambda self: self._arrays.d, doc="The size of the stored (adapted) vectors.")
 
   @property
   def d_in(self) -> int:
