@@ -29,7 +29,7 @@ def _cmd_build(args):
                      f"got d={emb.vectors.shape[1]}")
   stores, schedule = list(args.stores or []), None
   if args.config:
-    from adaptor.budget import read_config
+    from adaptor.plan import read_config
     config = read_config(args.config)
     d_out = model.d_out if model is not None else emb.vectors.shape[1]
     if config["d"] != d_out:
@@ -89,7 +89,7 @@ def _cmd_plan(args):
         f"full-size exact at {plan.corpus_size} docs; {len(plan.candidates)} candidates tried)")
   if args.out:
     # The plan file's header makes it an `index build --config` input, as the budget plan is.
-    from adaptor.budget import plan_config
+    from adaptor.plan import plan_config
     header = plan_config(
         d=index.d, k=args.k, stores=[], schedule=plan.schedule,
         adaptor_fingerprint=None if index.adaptor is None else adaptor_fingerprint(index.adaptor))

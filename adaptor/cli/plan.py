@@ -1,4 +1,4 @@
-"""`matryoshka-adaptor plan`: the command line of the budget planner (`adaptor.budget`)."""
+"""`matryoshka-adaptor plan`: the command line of the budget plan_lib (`adaptor.plan`)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import time
 
 import numpy as np
 
-from adaptor import budget
+from adaptor import plan as plan_lib
 from adaptor.api import load
-from adaptor.budget import (CONVENTIONS, DEFAULT_QUALITY, Grid, plan_budget, write_config)
+from adaptor.plan import (CONVENTIONS, DEFAULT_QUALITY, Grid, plan_budget, write_config)
 from adaptor.cli.common import add_input_args, dims, load_inputs
 from adaptor.data import InputError, check_output
 from adaptor.index import MatryoshkaIndex
@@ -81,10 +81,10 @@ def _cmd_plan(args):
 
 
 def add_plan_command(subparsers) -> argparse.ArgumentParser:
-  """Registers `plan` (the budget planner) on a CLI's subparsers; handler raises InputError on bad input."""
+  """Registers `plan` (the budget plan_lib) on a CLI's subparsers; handler raises InputError on bad input."""
   p = subparsers.add_parser(
-      "plan", help="budget planner: Pareto frontier of bytes/vector vs quality vs query time",
-      description=budget.__doc__.split("\n\n")[0], epilog=EXAMPLES,
+      "plan", help="budget plan_lib: Pareto frontier of bytes/vector vs quality vs query time",
+      description=plan_lib.__doc__.split("\n\n")[0], epilog=EXAMPLES,
       formatter_class=argparse.RawDescriptionHelpFormatter)
   add_input_args(p, with_beir=True)
   p.add_argument("--checkpoint", help="adaptor checkpoint applied to documents and queries")

@@ -1,4 +1,4 @@
-"""Budget planner: byte accounting, Pareto frontier, choice, config files, the `plan` CLI."""
+"""Budget plan_lib: byte accounting, Pareto frontier, choice, config files, the `plan` CLI."""
 
 import json
 from pathlib import Path
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import adaptor
-from adaptor import budget
-from adaptor.budget import Candidate, Grid
+from adaptor import plan as plan_lib
+from adaptor.plan import Candidate, Grid
 from adaptor.index import MatryoshkaIndex
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "scifact"
@@ -21,7 +21,7 @@ def _cand(schedule, memory, stored, quality, ms):
 
 
 def test_candidate_schedules_and_byte_accounting():
-  sch = budget.candidate_schedules(64, 10, 1000, Grid(dims=(16, 64), shortlists=(4,)))
+  sch = plan_lib.candidate_schedules(64, 10, 1000, Grid(dims=(16, 64), shortlists=(4,)))
   assert ((16, 10, "binary"),) in sch and ((64, 10, "float32"),) in sch
   assert ((16, 40, "binary"), (64, 10, "float32")) in sch
   assert ((16, 40, "binary"), (16, 10, "int8")) in sch           # same dims, finer precision
@@ -29,13 +29,13 @@ def test_candidate_schedules_and_byte_accounting():
   assert ((64, 40, "binary"), (16, 10, "int8")) in sch            # fewer, finer dims
   assert ((16, 100, "binary"), (64, 40, "int8"), (64, 10, "float32")) in sch
   assert len(sch) == len(set(sch))
-  b = budget.schedule_bytes(((256, 400, "binary"), (256, 40, "int8"), (768, 10, "float32")), 768)
+  b = plan_lib.schedule_bytes(((256, 400, "binary"), (256, 40, "int8"), (768, 10, "float32")), 768)
   assert b == {"first_stage": 32.0, "stored": 32 + 256 + 4 * 768}
-  assert budget.schedule_bytes(((64, 10, "float32"),), 768) == {"first_stage": 260.0, "stored": 4 * 768 + 4.0}
-  assert budget.schedule_bytes(((64, 10, "float32"),), 768, float_itemsize=2)["first_stage"] == 132.0
-  assert budget.schedule_bytes(((64, 100, "int8"), (768, 10, "binary")), 768) == {
+  assert plan_lib.schedule_bytes(((64, 10, "float32"),), 768) == {"first_stage": 260.0, "stored": 4 * 768 + 4.0}
+  assert plan_lib.schedule_bytes(((64, 10, "float32"),), 768, float_itemsize=2)["first_stage"] == 132.0
+  assert plan_lib.schedule_bytes(((64, 100, "int8"), (768, 10, "binary")), 768) == {
       "first_stage": 64.0, "stored": 64 + 96.0}
-  assert budget.stores_for(((256, 400, "binary"), (768, 40, "binary"), (64, 10, "int8"))) == [
+  assert plan_lib.stores_for(((256, 400, "binary"), (768, 40, "binary"), (64, 10, "int8"))) == [
       ("binary", 768), ("int8", 64)]
 
 
@@ -45,16 +45,16 @@ def test_pareto_front_and_choice():
        _cand(((64, 10, "int8"),), 64, 64, 0.48, 0.5),         # 2 dominated by 1
        _cand(((64, 40, "binary"), (64, 10)), 8, 264, 0.70, 0.3),  # 3 beats 1 on quality
        _cand(((64, 10, "float32"),), 256, 256, 0.80, 0.4)]    # 4 full float
-  assert budget.pareto_front(c) == [0, 3, 1, 4]         # by bytes, then better quality
-  assert budget.pareto_front(c, "all") == [0, 1, 4, 3]   # by stored bytes 1, 8, 256, 264
-  assert budget.choose(c, bytes_per_vector=8) == 3
-  assert budget.choose(c, bytes_per_vector=100, convention="all") == 1   # budget excludes float
-  assert budget.choose(c, quality=0.85) == 3      # relative 0.875: fewest bytes, better than 1
-  assert budget.choose(c, quality=1.0) == 4
+  assert plan_lib.pareto_front(c) == [0, 3, 1, 4]         # by bytes, then better quality
+  assert plan_lib.pareto_front(c, "all") == [0, 1, 4, 3]   # by stored bytes 1, 8, 256, 264
+  assert plan_lib.choose(c, bytes_per_vector=8) == 3
+  assert plan_lib.choose(c, bytes_per_vector=100, convention="all") == 1   # budget excludes float
+  assert plan_lib.choose(c, quality=0.85) == 3      # relative 0.875: fewest bytes, better than 1
+  assert plan_lib.choose(c, quality=1.0) == 4
   with pytest.raises(adaptor.InputError, match=r"smallest needs 1 bytes/vector .*got 0.5"):
-    budget.choose(c, bytes_per_vector=0.5)
+    plan_lib.choose(c, bytes_per_vector=0.5)
   with pytest.raises(adaptor.InputError, match=r"best configuration keeps 1.0000 .*got 1.1"):
-    budget.choose(c, quality=1.1)
+    plan_lib.choose(c, quality=1.1)
 
 
 def _tiny_data():
@@ -73,7 +73,7 @@ def tiny():
 def test_plan_budget_picks_best_within_budget(tiny):
   index, queries = tiny
   grid = Grid(dims=(16, 32, 64), shortlists=(4,), deep_shortlists=(10,))
-  plan = budget.plan_budget(index, queries, k=5, bytes_per_vector=8, grid=grid, repeats=1)
+  plan = plan_lib.plan_budget(index, queries, k=5, bytes_per_vector=8, grid=grid, repeats=1)
   # An independent reference: the true top 5 by cosine, brute force in numpy
   # (the planner's own reference is the library's full-size search).
   corpus, _ = _tiny_data()
@@ -84,7 +84,7 @@ def test_plan_budget_picks_best_within_budget(tiny):
   assert plan.metric == "recall@5" and plan.full_quality == 1.0
   # Each candidate within the budget, searched again on a separately built index
   # with the same stores, scored against the numpy truth.
-  stores = sorted({st for c in plan.candidates for st in budget.stores_for(c.schedule)})
+  stores = sorted({st for c in plan.candidates for st in plan_lib.stores_for(c.schedule)})
   check = MatryoshkaIndex.build(corpus, stores=stores)
   fits = [c for c in plan.candidates if c.memory_bytes <= 8]
   assert len(fits) >= 3
@@ -95,26 +95,26 @@ def test_plan_budget_picks_best_within_budget(tiny):
   assert max(measured) < 1.0   # Else the budget would not have to trade anything.
   assert plan.choice in plan.frontier and index.stores == {}      # planned on a view
   # Everything in memory ("all"): 100 bytes rule out every float32 stage (64 * 4 + ...).
-  strict = budget.plan_budget(index, queries, k=5, bytes_per_vector=100, grid=grid, repeats=1,
+  strict = plan_lib.plan_budget(index, queries, k=5, bytes_per_vector=100, grid=grid, repeats=1,
                               convention="all")
   assert all(p != "float32" for _, _, p in strict.chosen.schedule)
   assert strict.chosen.stored_bytes <= 100
   with pytest.raises(adaptor.InputError, match="must allow at least one configuration.*got 1"):
-    budget.plan_budget(index, queries, k=5, bytes_per_vector=1, grid=grid)
+    plan_lib.plan_budget(index, queries, k=5, bytes_per_vector=1, grid=grid)
 
 
 def test_plan_with_qrels_config_round_trip_and_build(tiny, tmp_path):
   index, queries = tiny
   ids = [f"q{i}" for i in range(30)]
   qrels = {f"q{i}": {str(i): 1} for i in range(30)}
-  plan = budget.plan_budget(index, queries, k=5, qrels=qrels, query_ids=ids, quality=0.95,
+  plan = plan_lib.plan_budget(index, queries, k=5, qrels=qrels, query_ids=ids, quality=0.95,
                             grid=Grid(dims=(16, 64), shortlists=(4,), deep_shortlists=()),
                             repeats=1)
   assert plan.metric == "ndcg@5" and plan.chosen.relative >= 0.95
   assert plan.chosen.memory_bytes == min(c.memory_bytes for c in plan.candidates
                                          if c.relative >= 0.95)
-  budget.write_config(plan, tmp_path / "plan.json")
-  config = budget.read_config(tmp_path / "plan.json")
+  plan_lib.write_config(plan, tmp_path / "plan.json")
+  config = plan_lib.read_config(tmp_path / "plan.json")
   assert config["schedule"] == [list(s) for s in plan.chosen.schedule]
   assert len(config["candidates"]) == len(plan.candidates)
   built = MatryoshkaIndex.build(index.vectors, stores=config["stores"], schedule=config["schedule"])
@@ -125,7 +125,7 @@ def test_plan_with_qrels_config_round_trip_and_build(tiny, tmp_path):
   assert (tmp_path / "f.png").stat().st_size > 1000
   (tmp_path / "bad.json").write_text(json.dumps({"format": "other"}))
   with pytest.raises(adaptor.InputError, match="expected a matryoshka-plan format_version 1"):
-    budget.read_config(tmp_path / "bad.json")
+    plan_lib.read_config(tmp_path / "bad.json")
 
 
 @pytest.mark.slow
