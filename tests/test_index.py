@@ -1,4 +1,4 @@
-"""MatryoshkaIndex: build, search (exact and funnel), add, save/load, planning, CLI handlers."""
+"""MatryoshkaIndex: build, search (exact and funnel), add, save/load, CLI handlers."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import pytest
 
 import adaptor
 from adaptor import index as index_lib
-from adaptor.index import MatryoshkaIndex, plan_schedule
+from adaptor.index import MatryoshkaIndex
 from adaptor.model import MatryoshkaAdaptor
 from adaptor.search import exact_search as search
 
@@ -162,26 +162,6 @@ def test_clear_errors(tmp_path, small_adaptor):
   (tmp_path / "junk" / "file").write_text("x")
   with pytest.raises(adaptor.InputError, match="refusing to replace"):
     index.save(tmp_path / "junk", overwrite=True)
-
-
-def test_plan_schedule_reaches_target_and_is_cheapest():
-  rng = np.random.default_rng(6)
-  # Matryoshka-like: energy decays along the coordinates, so short prefixes rank well.
-  corpus = (rng.normal(size=(600, 256)) * np.linspace(1.0, 0.02, 256) ** 2).astype(np.float32)
-  queries = corpus[:40] + 0.1 * rng.normal(size=(40, 256)).astype(np.float32)
-  index = MatryoshkaIndex.build(corpus)
-  kw = dict(k=5, first_keeps=(10, 40, 200), middle_keeps=(20,), corpus_size=100_000)
-  plan = plan_schedule(index, queries, **kw)
-  _, exact = index.search_rows(queries, 5)
-  _, funnel = index.search_rows(queries, 5, schedule=plan.schedule)
-  hits = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(funnel, exact)])
-  assert plan.recall >= 0.99 and hits == pytest.approx(plan.recall)
-  assert plan.speedup > 1 and plan.schedule[-1] == (256, 5) and len(plan.schedule) > 1
-  costs = [c["cost"] for c in plan.candidates]
-  assert costs == sorted(costs) and all(c["recall"] < 0.99 for c in plan.candidates[:-1])
-  assert all(c < plan.exact_cost for c in costs)
-  hard = plan_schedule(index, queries, k=5, first_dims=(1,), first_keeps=(10,), middle_keeps=())
-  assert hard.schedule == ((256, 5),) and hard.speedup == 1.0
 
 
 # ---------------------------------------------------------------- CLI

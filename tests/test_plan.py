@@ -57,6 +57,49 @@ def test_pareto_front_and_choice():
     plan_lib.choose(c, quality=1.1)
 
 
+def _unit(x):
+  x = np.asarray(x, np.float64)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _brute_rows(queries, corpus, k, dim):
+  """Top-k rows by float64 cosine at the dim-prefix (full stable sort)."""
+  scores = _unit(queries[:, :dim]) @ _unit(corpus[:, :dim]).T
+  return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def test_plan_schedule_reaches_target_and_is_cheapest():
+  rng = np.random.default_rng(6)
+  # Matryoshka-like: energy decays along the coordinates, so short prefixes rank well.
+  corpus = (rng.normal(size=(600, 256)) * np.linspace(1.0, 0.02, 256) ** 2).astype(np.float32)
+  queries = corpus[:40] + 0.1 * rng.normal(size=(40, 256)).astype(np.float32)
+  index = MatryoshkaIndex.build(corpus)
+  kw = dict(k=5, first_keeps=(10, 40, 200), middle_keeps=(20,), corpus_size=100_000)
+  plan = plan_lib.plan_schedule(index, queries, **kw)
+  _, exact = index.search_rows(queries, 5)
+  _, funnel = index.search_rows(queries, 5, schedule=plan.schedule)
+  hits = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(funnel, exact)])
+  assert plan.recall >= 0.99 and hits == pytest.approx(plan.recall)
+  assert plan.speedup > 1 and plan.schedule[-1] == (256, 5, "float32") and len(plan.schedule) > 1
+  costs = [c["cost"] for c in plan.candidates]
+  assert costs == sorted(costs) and all(c["recall"] < 0.99 for c in plan.candidates[:-1])
+  assert len(plan.candidates) >= 5 and min(c["recall"] for c in plan.candidates) < 0.9
+  # Every measured recall against a numpy float64 funnel: full sorts of the
+  # cosines at each stage's prefix, and the true full-size top 5.
+  truth = _brute_rows(queries, corpus, 5, 256)
+  for c in plan.candidates:
+    (m1, k1, _), *rest = c["schedule"]
+    rows = _brute_rows(queries, corpus, k1, m1)
+    for m, keep, _ in rest:
+      sc = np.einsum("qd,qcd->qc", _unit(queries[:, :m]), _unit(corpus[:, :m])[rows])
+      rows = np.take_along_axis(rows, np.argsort(-sc, axis=1, kind="stable")[:, :keep], axis=1)
+    want = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(rows, truth)])
+    assert c["recall"] == pytest.approx(want, abs=1e-12), c["label"]
+  assert all(c < plan.exact_cost for c in costs)
+  hard = plan_lib.plan_schedule(index, queries, k=5, first_dims=(1,), first_keeps=(10,), middle_keeps=())
+  assert hard.schedule == ((256, 5, "float32"),) and hard.speedup == 1.0
+
+
 def _tiny_data():
   rng = np.random.default_rng(0)
   corpus = (rng.normal(size=(400, 64)) * np.linspace(1.0, 0.05, 64)).astype(np.float32)
@@ -113,8 +156,8 @@ def test_plan_with_qrels_config_round_trip_and_build(tiny, tmp_path):
   assert plan.metric == "ndcg@5" and plan.chosen.relative >= 0.95
   assert plan.chosen.memory_bytes == min(c.memory_bytes for c in plan.candidates
                                          if c.relative >= 0.95)
-  plan_lib.write_config(plan, tmp_path / "plan.json")
-  config = plan_lib.read_config(tmp_path / "plan.json")
+  plan_lib.write_plan(plan, tmp_path / "plan.json")
+  config = plan_lib.read_plan(tmp_path / "plan.json")
   assert config["schedule"] == [list(s) for s in plan.chosen.schedule]
   assert len(config["candidates"]) == len(plan.candidates)
   built = MatryoshkaIndex.build(index.vectors, stores=config["stores"], schedule=config["schedule"])
@@ -125,7 +168,7 @@ def test_plan_with_qrels_config_round_trip_and_build(tiny, tmp_path):
   assert (tmp_path / "f.png").stat().st_size > 1000
   (tmp_path / "bad.json").write_text(json.dumps({"format": "other"}))
   with pytest.raises(adaptor.InputError, match="expected a matryoshka-plan format_version 1"):
-    plan_lib.read_config(tmp_path / "bad.json")
+    plan_lib.read_plan(tmp_path / "bad.json")
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ from adaptor.api import load
 from adaptor.cli.common import argument_type, load_queries, write_run
 from adaptor.data import InputError, check_output, load_embeddings
 from adaptor.search import format_schedule, parse_schedule
-from adaptor.index import VECTOR_DTYPES, MatryoshkaIndex, adaptor_fingerprint, plan_schedule
+from adaptor.index import VECTOR_DTYPES, MatryoshkaIndex, adaptor_fingerprint
+from adaptor.plan import plan_schedule, read_plan, write_plan
 
 
 def _parse_workers(text: str) -> str:
@@ -29,8 +30,7 @@ def _cmd_build(args):
                      f"got d={emb.vectors.shape[1]}")
   stores, schedule = list(args.stores or []), None
   if args.config:
-    from adaptor.plan import read_config
-    config = read_config(args.config)
+    config = read_plan(args.config)
     d_out = model.d_out if model is not None else emb.vectors.shape[1]
     if config["d"] != d_out:
       raise InputError(f"--config {args.config}: planned for d={config['d']}, got an index of "
@@ -76,24 +76,17 @@ def _cmd_search(args):
 
 
 def _cmd_plan(args):
-  from adaptor.evaluation import write_json
   if args.out:
     check_output(args.out, name="--out", overwrite=args.overwrite)
   index = MatryoshkaIndex.load(args.index)
   queries, _ = load_queries(args)
   plan = plan_schedule(index, queries, k=args.k, target_recall=args.target,
                        corpus_size=args.corpus_size)
-  stages = ",".join(f"{m}:{c}" for m, c in plan.schedule)
-  print(f"schedule {stages}  recall@{args.k} vs full exact {plan.recall:.4f}  "
+  print(f"schedule {format_schedule(plan.schedule)}  recall@{args.k} vs full exact {plan.recall:.4f}  "
         f"est. {plan.cost:.3g} ms/query on the reference CPU ({plan.speedup:.1f}x cheaper than "
         f"full-size exact at {plan.corpus_size} docs; {len(plan.candidates)} candidates tried)")
   if args.out:
-    # The plan file's header makes it an `index build --config` input, as the budget plan is.
-    from adaptor.plan import plan_config
-    header = plan_config(
-        d=index.d, k=args.k, stores=[], schedule=plan.schedule,
-        adaptor_fingerprint=None if index.adaptor is None else adaptor_fingerprint(index.adaptor))
-    write_json({**header, **plan.to_dict()}, args.out)
+    write_plan(plan, args.out)
     print(f"wrote {args.out}")
 
 

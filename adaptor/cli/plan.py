@@ -10,7 +10,7 @@ import numpy as np
 
 from adaptor import plan as plan_lib
 from adaptor.api import load
-from adaptor.plan import (CONVENTIONS, DEFAULT_QUALITY, Grid, plan_budget, write_config)
+from adaptor.plan import CONVENTIONS, DEFAULT_QUALITY, Grid, plan_budget, write_plan
 from adaptor.cli.common import add_input_args, dims, load_inputs
 from adaptor.data import InputError, check_output
 from adaptor.index import MatryoshkaIndex
@@ -67,12 +67,12 @@ def _cmd_plan(args):
   print(f"{plan.n_queries} validation queries (split {args.split if args.beir else 'given'}), "
         f"{plan.n_docs} documents, d={plan.d}; {len(plan.candidates)} configurations measured "
         f"in {took:.0f} s; full-size float32 {plan.metric} {plan.full_quality:.4f}\n")
-  print(plan.format_frontier())
+  print(plan.format_table())
   print(f"\n* chosen ({plan.criterion}): {c.label}  {c.bytes(plan.convention):g} bytes/vector in "
         f"memory, {c.stored_bytes:g} stored, {plan.metric} {c.quality:.4f} "
         f"({100 * c.relative:.1f}% of full float32), {c.ms_per_query:.3f} ms/query")
   out = os.fspath(args.out)
-  write_config(plan, os.path.join(out, "plan.json"))
+  write_plan(plan, os.path.join(out, "plan.json"))
   plan.plot(os.path.join(out, "frontier.png"),
             title=f"{plan.metric} vs bytes/vector ({plan.n_queries} validation queries)")
   print(f"\nwrote {out}/plan.json and {out}/frontier.png; build with: matryoshka-adaptor index "
