@@ -156,7 +156,8 @@ class Plan:
     lines = [f"| | schedule | recall@{self.k} vs full exact | est. ms/query at "
              f"{self.corpus_size} docs | speed-up |", "|---|---|---|---|---|"]
     if len(self.candidates) > len(shown):
-      lines.append(f"| | ({len(self.candidates) - len(shown)} cheaper candidates) | | | |")
+      lines.append(f"| | ({len(self.candidates) - len(shown)} cheaper candidates, below the "
+                   f"target) | | | |")
     for c in shown + [exact]:
       chosen = [tuple(st) for st in c["schedule"]] == list(self.schedule)
       lines.append(f"| {'*' if chosen else ''} | {format_schedule(c['schedule'])} | "

@@ -171,37 +171,80 @@ def test_plan_with_qrels_config_round_trip_and_build(tiny, tmp_path):
     plan_lib.read_plan(tmp_path / "bad.json")
 
 
+def test_cli_plan_refuses_options_of_the_other_mode(tmp_path, capsys):
+  from adaptor import cli
+  out = ["--out", str(tmp_path / "p")]
+  ix = ["--index", str(tmp_path / "ix"), "--queries", str(EMB / "queries.npy")]
+  assert cli.main(["plan", *ix, "--quality", "0.9", "--corpus-size", "1000", *out]) == 2
+  assert "--corpus-size: expected only with --recall, got with --quality 0.9" in capsys.readouterr().err
+  assert cli.main(["plan", *ix, "--recall", "0.9", "--shortlists", "4", "--repeats", "2", *out]) == 2
+  assert ("--shortlists, --repeats: expected only with the budget modes (--bytes-per-vector, "
+          "--quality), got with --recall 0.9") in capsys.readouterr().err
+  assert cli.main(["plan", *ix, "--checkpoint", "ck", "--recall", "0.9", *out]) == 2
+  assert "from the saved index alone, got also --checkpoint" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    cli.main(["plan", *ix, "--recall", "1.5", *out])
+  assert "expected a share in (0, 1] like 0.99, got '1.5'" in capsys.readouterr().err
+  assert not (tmp_path / "p").exists()
+
+
 @pytest.mark.slow
-def test_cli_plan_build_search_on_shipped_data(tmp_path, capsys):
+@pytest.mark.parametrize("mode", ["recall", "budget"])
+def test_cli_plan_then_index_build_config(mode, tmp_path, capsys):
+  """Either mode's plan.json builds an index whose stores and default schedule are the plan's."""
   from adaptor import cli
   out = tmp_path / "plan"
-  common = ["plan", "--beir", str(DATA), "--model", "all-MiniLM-L6-v2", "--max-queries", "60",
-            "--dims", "64,384", "--shortlists", "4", "--repeats", "1", "--out", str(out)]
-  assert cli.main(common + ["--bytes-per-vector", "1"]) == 2
-  assert "must allow at least one configuration" in capsys.readouterr().err
-  assert not out.exists()
-  assert cli.main(common + ["--bytes-per-vector", "48"]) == 0
-  printed = capsys.readouterr().out
-  assert "* chosen" in printed and "| * |" in printed
-  config = json.loads((out / "plan.json").read_text())
-  assert config["chosen"]["memory_bytes"] <= 48 and config["metric"] == "ndcg@10"
-  assert (out / "frontier.png").stat().st_size > 1000
-  ix = tmp_path / "ix"
   corpus = ["--corpus", str(EMB / "corpus.npy"), "--corpus-ids", str(EMB / "corpus_ids.txt")]
+  few = tmp_path / "few.npy"
+  np.save(few, np.load(EMB / "queries.npy")[:100])
+  if mode == "recall":   # From a saved index, costed for a million documents.
+    assert cli.main(["index", "build", *corpus, "--out", str(tmp_path / "ix0")]) == 0
+    argv = ["plan", "--index", str(tmp_path / "ix0"), "--queries", str(few), "--recall", "0.95",
+            "--dims", "64,256", "--corpus-size", "1000000", "--out", str(out)]
+    out.mkdir()   # What an earlier budget plan left: refused, then replaced entirely.
+    (out / "frontier.png").write_bytes(b"old")
+    assert cli.main(argv) == 2
+    assert "pass --overwrite to replace it" in capsys.readouterr().err
+    argv.append("--overwrite")
+  else:   # From the BEIR folder's corpus and train queries, nDCG@10 against their qrels.
+    argv = ["plan", "--beir", str(DATA), "--model", "all-MiniLM-L6-v2", "--max-queries", "60",
+            "--dims", "64,384", "--shortlists", "4", "--repeats", "1", "--out", str(out)]
+    assert cli.main(argv + ["--bytes-per-vector", "1"]) == 2
+    assert "must allow at least one configuration" in capsys.readouterr().err
+    assert not out.exists()
+    argv += ["--bytes-per-vector", "48"]
+  assert cli.main(argv) == 0
+  printed = capsys.readouterr().out
+  assert f"* chosen (--{'recall 0.95' if mode == 'recall' else 'bytes-per-vector 48'})" in printed
+  assert "| * |" in printed
+  config = json.loads((out / "plan.json").read_text())
+  assert config["format"] == "matryoshka-plan" and config["d"] == 384 and config["k"] == 10
+  assert len(config["schedule"]) > 1   # A funnel, not the full-size exact fallback.
   assert cli.main(["index", "build", *corpus, "--config", str(out / "plan.json"),
-                   "--out", str(ix)]) == 0
-  meta = json.loads((ix / "index.json").read_text())
-  assert meta["schedule"] == config["schedule"]
-  assert [(s["precision"], s["dims"]) for s in meta["stores"]] == [
-      (s["precision"], s["dims"]) for s in config["stores"]]
-  few = tmp_path / "q.npy"
-  np.save(few, np.load(EMB / "queries.npy")[:5])
-  assert cli.main(["index", "search", "--index", str(ix), "--queries", str(few),
-                   "--output", str(tmp_path / "run.tsv")]) == 0
-  assert len((tmp_path / "run.tsv").read_text().splitlines()) == 1 + 5 * 10
-  capsys.readouterr()
-  wrong = tmp_path / "wrong.npy"
-  np.save(wrong, np.ones((4, 8), np.float32))
-  assert cli.main(["index", "build", "--corpus", str(wrong), "--config", str(out / "plan.json"),
-                   "--out", str(tmp_path / "ix3")]) == 2
-  assert "planned for d=384, got an index of d=8" in capsys.readouterr().err
+                   "--out", str(tmp_path / "ix")]) == 0
+  built = MatryoshkaIndex.load(tmp_path / "ix")
+  assert [list(st) for st in built.schedule] == config["schedule"]
+  assert sorted(built.stores) == sorted((s["precision"], s["dims"]) for s in config["stores"])
+  if mode == "recall":
+    assert config["planner"] == "recall-target" and config["stores"] == []
+    assert config["recall"] >= 0.95 and not (out / "frontier.png").exists()
+    # The planned recall, found again by the built index's default search
+    # against a numpy float64 full-size top 10.
+    q = np.load(few)
+    _, rows = built.search_rows(q, 10)
+    truth = _brute_rows(q, np.load(EMB / "corpus.npy"), 10, 384)
+    found = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, truth)])
+    assert found == pytest.approx(config["recall"], abs=2e-3)   # Float32 near-ties may flip.
+  else:
+    assert config["planner"] == "budget" and config["metric"] == "ndcg@10"
+    assert config["chosen"]["memory_bytes"] <= 48 and config["stores"]
+    assert (out / "frontier.png").stat().st_size > 1000
+    assert cli.main(["index", "search", "--index", str(tmp_path / "ix"), "--queries", str(few),
+                     "--output", str(tmp_path / "run.tsv")]) == 0
+    assert len((tmp_path / "run.tsv").read_text().splitlines()) == 1 + 100 * 10
+    capsys.readouterr()
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.ones((4, 8), np.float32))
+    assert cli.main(["index", "build", "--corpus", str(wrong), "--config", str(out / "plan.json"),
+                     "--out", str(tmp_path / "ix3")]) == 2
+    assert "planned for d=384, got an index of d=8" in capsys.readouterr().err
