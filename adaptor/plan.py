@@ -211,10 +211,8 @@ def plan_schedule(index, query_embeddings, *, k: int = 10, target_recall: float 
     check_dim(m, d, name="planned dims")
 
   schedules = []
-  for m1 in sorted(set(first_dims)):
+  for m1 in sorted(m for m in set(first_dims) if m < d):
     for k1 in first_keeps:
-      if m1 >= d:
-        continue
       schedules.append((Stage(m1, k1), Stage(d, k)))
       schedules += [(Stage(m1, k1), Stage(m2, k2), Stage(d, k)) for m2 in sorted(set(middle_dims))
                     for k2 in middle_keeps if m1 < m2 < d and k2 < k1]
@@ -257,7 +255,7 @@ def plan_schedule(index, query_embeddings, *, k: int = 10, target_recall: float 
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
-  """The configurations the planner measures.
+  """The configurations the budget planner measures.
 
   Attributes:
     dims: prefix lengths (default: 32, 64, 128, ... below d, and d); binary
