@@ -61,8 +61,8 @@ from adaptor.search import SearchArrays, check_schedule, format_schedule
 from adaptor.truncation import aligned_empty, prefix_inv_norms, truncate
 # Renamed: MatryoshkaIndex's methods take an argument called `adaptor`.
 from adaptor.api import load as load_adaptor
-from adaptor.data import (InputError, as_id_list, atomic_file, check_embeddings, check_ids,
-                          check_output, fsync_dir, links_leaving, member_path, temp_dir)
+from adaptor.data import (InputError, as_id_list, check_embeddings, check_ids, fsync_dir,
+                          links_leaving, member_path, temp_dir)
 
 FORMAT_VERSION = 1
 _META = "index.json"
