@@ -16,8 +16,8 @@ from adaptor.checkpoint import CheckpointError
 from adaptor.data import Embeddings, InputError, load_beir, load_embeddings, load_qrels
 from adaptor.metrics import evaluate, evaluate_topk
 from adaptor.model import AdaptorConfig, MatryoshkaAdaptor, default_dims
-from adaptor.index import MatryoshkaIndex, Plan, plan_schedule
-from adaptor.budget import BudgetPlan, Grid, plan_budget
+from adaptor.index import MatryoshkaIndex
+from adaptor.plan import BudgetPlan, Grid, Plan, plan_budget, plan_schedule
 from adaptor.search import Stage, exact_search, funnel_search, parse_schedule
 from adaptor.truncation import l2_normalize, prefix_inv_norms, truncate
 from adaptor.stream import apply_files, read_shards

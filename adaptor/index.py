@@ -3,7 +3,6 @@
     index = MatryoshkaIndex.build(corpus_embeddings, ids=doc_ids, adaptor=model)
     scores, ids = index.search(query_embeddings, 10, dim=64)
     scores, ids = index.search(query_embeddings, 10, schedule=[(32, 1000), (768, 10)])
-    plan = plan_schedule(index, validation_query_embeddings)   # cheapest funnel at recall 0.99
     index.save("indexes/scifact"); index = MatryoshkaIndex.load("indexes/scifact")
     index = MatryoshkaIndex.load("indexes/big", workers=None)   # one search process per CPU (pool.py)
 
@@ -45,7 +44,6 @@ vectors correctly.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -59,12 +57,12 @@ import numpy as np
 from adaptor._version import __version__
 from adaptor import checkpoint, quant
 from adaptor.checks import check_dim, check_k, check_positive
-from adaptor.search import SearchArrays, check_schedule, format_schedule, schedule_cost
+from adaptor.search import SearchArrays, check_schedule, format_schedule
 from adaptor.truncation import aligned_empty, prefix_inv_norms, truncate
 # Renamed: MatryoshkaIndex's methods take an argument called `adaptor`.
 from adaptor.api import load as load_adaptor
-from adaptor.data import (InputError, as_id_list, atomic_file, check_embeddings, check_ids,
-                          check_output, fsync_dir, links_leaving, member_path, temp_dir)
+from adaptor.data import (InputError, as_id_list, check_embeddings, check_ids, fsync_dir,
+                          links_leaving, member_path, temp_dir)
 
 FORMAT_VERSION = 1
 _META = "index.json"
@@ -801,148 +799,3 @@ def _read_npy(path: Path, shape, dtype, alloc=aligned_empty) -> np.ndarray:
     raise InputError(f"{path}: expected a .npy file, got error: {e}") from None
   return out
 
-
-# ---------------------------------------------------------------- planning
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-  """A planned funnel schedule and what it was measured to achieve.
-
-  Attributes:
-    schedule: the chosen (dim, keep) stages, or the full-size exact search
-      [(d, k)] if no cheaper candidate reached the target.
-    recall: mean top-k overlap with full-size exact search on the validation
-      queries (recall@k against full-size exact results).
-    cost: estimated ms per query on the reference CPU (`search.schedule_cost`)
-      at `corpus_size` documents.
-    exact_cost: the same for full-size exact search, the schedule [(d, k)].
-    speedup: exact_cost / cost.
-    corpus_size: the corpus size the costs are estimated for.
-    target: the recall target.
-    candidates: the candidates measured, cheapest first: {"schedule", "recall", "cost"}.
-  """
-
-  schedule: tuple[tuple[int, int], ...]
-  recall: float
-  cost: float
-  exact_cost: float
-  speedup: float
-  corpus_size: int
-  target: float
-  candidates: list
-
-  def to_dict(self) -> dict:
-    out = dataclasses.asdict(self)
-    out["schedule"] = [list(s) for s in self.schedule]
-    return out
-
-
-def _overlap(found: np.ndarray, reference: np.ndarray) -> float:
-  """Mean |found_i ∩ reference_i| / k over rows ([n_q, k] each)."""
-  k = reference.shape[1]
-  hits = (found[:, :, None] == reference[:, None, :]).any(axis=2).sum(axis=1)
-  return float(np.mean(hits / k))
-
-
-RERANK_FLOATS = 2**20
-
-
-def _rerank_np(q_by_dim, vectors, norms, cand, m, keep):
-  """numpy twin of search.rerank over [n_q, n_cand] candidates (ascending order)."""
-  q = q_by_dim[m]
-  out = np.empty((cand.shape[0], keep), np.int64)
-  chunk = max(1, RERANK_FLOATS // max(1, cand.shape[1] * m))
-  for s in range(0, cand.shape[0], chunk):
-    c = cand[s:s + chunk]
-    vec = vectors[c, :m].astype(np.float32)
-    sc = np.einsum("qd,qcd->qc", q[s:s + chunk], vec) * norms[m][c]
-    order = np.argsort(-sc, axis=1, kind="stable")[:, :keep]
-    out[s:s + chunk] = np.take_along_axis(c, order, axis=1)
-  return np.sort(out, axis=1)
-
-
-def plan_schedule(index: MatryoshkaIndex, query_embeddings, *, k: int = 10,
-                  target_recall: float = 0.99, first_dims=None, first_keeps=None,
-                  middle_dims=None, middle_keeps=None, corpus_size: int | None = None,
-                  adapted: bool = False) -> Plan:
-  """Picks the cheapest funnel whose top-k matches full-size exact search often enough.
-
-  Considers every two-stage schedule [(m1, K1), (d, k)] and three-stage
-  schedule [(m1, K1), (m2, K2), (d, k)] from the given grids, cheapest first
-  (by `search.schedule_cost`), and measures on the validation queries the mean
-  overlap of its top k with the top k of exact search at all d dims (recall@k
-  against full-size exact results); the first at or above `target_recall` wins.
-
-  Args:
-    index: the index to plan for.
-    query_embeddings: validation queries (raw), with shape [n_q, d_in].
-    k: results per query.
-    target_recall: the recall@k against full-size exact search to reach.
-    first_dims: candidate m1 (default: the index's stored dims below d).
-    first_keeps: candidate K1 (default 20, 50, 100, 200, 500, 1000, 2000, 4000).
-    middle_dims: candidate m2 (default: the first dims); m1 < m2 < d.
-    middle_keeps: candidate K2 (default 20, 50, 100, 200); k <= K2 < K1.
-    corpus_size: corpus size the costs are estimated for (default: the index's).
-    adapted: the queries are already adapted vectors [n_q, d].
-
-  Returns:
-    A `Plan`; if no candidate cheaper than full-size exact search reaches
-    the target, its schedule is full-size exact search [(d, k)], recall 1.
-  """
-  if not 0 < target_recall <= 1:
-    raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}")
-  n, d = index.n, index.d
-  k = check_k(k, n, what="the index size")
-  q = (check_embeddings(query_embeddings, name="query_embeddings", dim=d).astype(np.float32)
-       if adapted else index.prepare_queries(query_embeddings))
-  corpus_size = n if corpus_size is None else check_positive(corpus_size, "corpus_size")
-  first_dims = [m for m in index.dims if m < d] if first_dims is None else list(first_dims)
-  middle_dims = first_dims if middle_dims is None else list(middle_dims)
-  first_keeps = (20, 50, 100, 200, 500, 1000, 2000, 4000) if first_keeps is None else first_keeps
-  middle_keeps = (20, 50, 100, 200) if middle_keeps is None else middle_keeps
-  first_keeps = sorted({c for c in first_keeps if k <= c <= n})
-  middle_keeps = sorted({c for c in middle_keeps if k <= c})
-  for m in set(first_dims) | set(middle_dims):
-    check_dim(m, d, name="planned dims")
-
-  _, exact = index.search_rows(q, k, dim=d, adapted=True)
-  q_by_dim = {m: np.asarray(truncate(q, m)) for m in set(first_dims + middle_dims + [d])}
-  norms = {m: index.prefix_inv_norms(m) for m in q_by_dim}
-  schedules = []
-  for m1 in sorted(set(first_dims)):
-    for k1 in first_keeps:
-      if m1 >= d:
-        continue
-      schedules.append(((m1, k1), (d, k)))
-      schedules += [((m1, k1), (m2, k2), (d, k)) for m2 in sorted(set(middle_dims))
-                    for k2 in middle_keeps if m1 < m2 < d and k2 < k1]
-  cost = lambda sch: schedule_cost(sch, corpus_size)
-  exact_cost = cost(((d, k),))
-  # Only funnels estimated cheaper than full-size exact search are worth trying.
-  schedules = sorted((sch for sch in schedules if cost(sch) < exact_cost), key=cost)
-
-  # Cheapest first, stopping at the first that reaches the target; the
-  # first-stage shortlists are computed once per m1, at the largest K1.
-  shortlists, candidates, best = {}, [], None
-  for schedule in schedules:
-    m1, k1 = schedule[0]
-    if m1 not in shortlists:
-      shortlists[m1] = index.search_rows(q, max(first_keeps), dim=m1, adapted=True)[1]
-    rows = np.sort(shortlists[m1][:, :k1], axis=1)
-    for m, keep in schedule[1:]:
-      rows = _rerank_np(q_by_dim, index.vectors, norms, rows, m, keep)
-    candidates.append({"schedule": [list(st) for st in schedule],
-                       "recall": _overlap(rows, exact), "cost": cost(schedule)})
-    if candidates[-1]["recall"] >= target_recall:
-      best = candidates[-1]
-      break
-
-  if best is not None:
-    schedule = tuple(tuple(st) for st in best["schedule"])
-    recall, best_cost = best["recall"], best["cost"]
-  else:
-    schedule, recall, best_cost = ((d, k),), 1.0, exact_cost
-  return Plan(schedule=schedule, recall=recall, cost=best_cost, exact_cost=exact_cost,
-              speedup=exact_cost / best_cost, corpus_size=corpus_size, target=target_recall,
-              candidates=candidates)

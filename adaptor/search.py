@@ -15,8 +15,8 @@ reads (vectors, prefix norms, quantised stores, first-stage copies) and runs
 schedules over it; an index and its worker processes (adaptor/pool.py) both
 search through it.
 
-The cost model at the end estimates a schedule's time per query; the planner
-(adaptor/budget.py) ranks schedules with it.
+The cost model at the end estimates a schedule's time per query; the
+recall-target planner (adaptor/plan.py) ranks schedules with it.
 """
 
 from __future__ import annotations

@@ -116,13 +116,15 @@ def _run_worker(cfg: Config, role: str, extra: dict, threads: str, platform: str
 
 
 def _parse_schedule(text: str) -> list[tuple]:
-  """'256:1000:binary,768:10' -> [(256, 1000, 'binary'), (768, 10)] (the CLI's parser)."""
-  from adaptor.quant import parse_schedule
+  """'256:1000:binary,768:10' -> Stages (the CLI's parser)."""
+  from adaptor.search import parse_schedule
   return parse_schedule(text)
 
 
 def _schedule_text(schedule) -> str:
-  return ",".join(":".join(str(v) for v in st if v != "float32") for st in schedule)
+  """The text of a schedule, as the CLI writes it: '256:1000:binary,768:10'."""
+  from adaptor.search import format_schedule
+  return format_schedule(schedule)
 
 
 def _with_stores(index, schedule) -> list[tuple]:
@@ -317,7 +319,8 @@ def worker_memory(cfg: Config, extra: dict, threads: str) -> dict:
 def quality(cfg: Config) -> dict:
   """Table 3 (in this process, all threads), plus the plan that tables 2 and 4 time."""
   import adaptor
-  from adaptor.index import MatryoshkaIndex, plan_schedule
+  from adaptor.index import MatryoshkaIndex
+  from adaptor.plan import plan_schedule
   out = {}
   for model in cfg.models:
     data = adaptor.load_beir(cfg.data, model)
@@ -360,8 +363,9 @@ def quality(cfg: Config) -> dict:
         measure("funnel " + text, schedule=_with_stores(index, _parse_schedule(text)))
     out[model] = {"rows": rows, "plan": plan.to_dict(), "plan_seconds": plan_s,
                   "n_docs": index.n, "n_test_queries": len(q), "d": d}
-    print(f"{model}: planned {plan.schedule} (validation recall {plan.recall:.4f}, "
-          f"est. {plan.speedup:.1f}x at {cfg.n_docs} docs, {len(plan.candidates)} tried, "
+    print(f"{model}: planned {_schedule_text(plan.schedule)} (validation recall "
+          f"{plan.recall:.4f}, est. {plan.speedup:.1f}x at {cfg.n_docs} docs, "
+          f"{len(plan.candidates)} tried, "
           f"{plan_s:.0f} s)", flush=True)
   return out
 

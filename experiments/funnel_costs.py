@@ -1,6 +1,6 @@
 """Measured cost of each funnel stage, and how well `search.schedule_cost` predicts it.
 
-The planner (`index.plan_schedule`) ranks candidate funnels by the estimate of
+The recall-target planner (`plan.plan_schedule`) ranks candidate funnels by the estimate of
 `search.schedule_cost`, so its constants should follow what the stages really
 cost. This script times, on a synthetic n_docs x 768 float32 index, one thread:
 

@@ -3,11 +3,11 @@
 Quality part (default), for each model (all-MiniLM-L6-v2, d=384; all-mpnet-base-v2,
 d=768) and each adaptor setting (none; unsupervised and supervised adaptors fitted on
 the train split, or loaded from <adaptors>/<model>-<setting> when there):
-  - `budget.plan_budget` measures the default grid (single-stage float32 / int8 /
+  - `plan.plan_budget` measures the default grid (single-stage float32 / int8 /
     binary at 32, 64, ... dims, and 2-3 stage funnels) on the 809 train queries
     (validation, nDCG@10 against the train qrels), and chooses the best configuration
     within 32x and 64x less memory than full-size float32 (4d/32 and 4d/64 bytes per
-    vector), under both memory conventions of adaptor/budget.py: "first-stage" (what
+    vector), under both memory conventions of adaptor/plan.py: "first-stage" (what
     the first stage scans; as sentence-transformers counts it) and "all" (every store
     the funnel reads held in memory);
   - every measured configuration is then run on the 300 test queries; tables report
@@ -136,7 +136,7 @@ def get_adaptor(cfg: Config, data, model_name: str, setting: str):
 
 def run_model(cfg: Config, model_name: str) -> dict:
   import adaptor
-  from adaptor import budget, quant
+  from adaptor import plan as plan_lib
   from adaptor.search import format_schedule
   from adaptor.index import MatryoshkaIndex
 
@@ -146,7 +146,7 @@ def run_model(cfg: Config, model_name: str) -> dict:
   train_q, train_ids, train_qrels = data.split_queries("train")
   test_q, test_ids, test_qrels = data.split_queries("test")
   budgets = {r: 4 * d / r for r in cfg.reductions}
-  grid = budget.Grid(dims=cfg.grid_dims)
+  grid = plan_lib.Grid(dims=cfg.grid_dims)
 
   def ndcg(index, q, schedule):
     s, rows = index.search_rows(q, k, schedule=schedule, adapted=True)
@@ -160,13 +160,13 @@ def run_model(cfg: Config, model_name: str) -> dict:
     model, fit_s = get_adaptor(cfg, data, model_name, setting)
     index = MatryoshkaIndex.build(corpus, ids=data.corpus.ids, adaptor=model, dims=())
     t = time.perf_counter()
-    plan = budget.plan_budget(index, train_q, k=k, qrels=train_qrels, query_ids=train_ids,
-                              bytes_per_vector=budgets[cfg.reductions[0]], grid=grid,
-                              repeats=cfg.repeats)
+    plan = plan_lib.plan_budget(index, train_q, k=k, qrels=train_qrels, query_ids=train_ids,
+                                bytes_per_vector=budgets[cfg.reductions[0]], grid=grid,
+                                repeats=cfg.repeats)
     plan_s = time.perf_counter() - t
     # Test nDCG@10 of every measured configuration, on an index holding the stores they read.
     work = index.view()
-    needed = {st for c in plan.candidates for st in budget.stores_for(c.schedule)}
+    needed = {st for c in plan.candidates for st in plan_lib.stores_for(c.schedule)}
     binary = [m for p, m in needed if p == "binary"]
     if binary:
       work.add_store("binary", max(binary))
@@ -179,8 +179,8 @@ def run_model(cfg: Config, model_name: str) -> dict:
                            if c.schedule == ((d, k, "float32"),))]
     chosen = {}
     for r, b in budgets.items():
-      for convention in budget.CONVENTIONS:
-        i = budget.choose(plan.candidates, bytes_per_vector=b, convention=convention)
+      for convention in plan_lib.CONVENTIONS:
+        i = plan_lib.choose(plan.candidates, bytes_per_vector=b, convention=convention)
         chosen[f"{r}x/{convention}"] = {**plan.candidates[i].to_dict(), "test_ndcg": test[i]}
     # sentence-transformers' recipe, as ST does it (numpy), and through this library.
     vectors = np.asarray(index.vectors, np.float32)

@@ -137,7 +137,8 @@ def _writing_commands(tmp_path, ckpt):
   index = tmp_path / "ix"
   adaptor.MatryoshkaIndex.build(DOCS[:50]).save(index)
   (tmp_path / "run.tsv").write_text("earlier run\n")
-  (tmp_path / "plan.json").write_text("{}\n")
+  (tmp_path / "recall-plan").mkdir()   # A plan.json alone: the --recall mode writes no frontier.
+  (tmp_path / "recall-plan" / "plan.json").write_text("{}\n")
   (tmp_path / "y.npy").write_text("earlier output\n")
   return [
       (["fit", "--corpus", x, "--out", ckpt, "--steps", "1"], ckpt),
@@ -149,8 +150,8 @@ def _writing_commands(tmp_path, ckpt):
       (["index", "build", "--corpus", x, "--out", index], index),
       (["index", "search", "--index", index, "--queries", x, "--output", tmp_path / "run.tsv"],
        tmp_path / "run.tsv"),
-      (["index", "plan", "--index", index, "--queries", x, "--out", tmp_path / "plan.json"],
-       tmp_path / "plan.json"),
+      (["plan", "--index", index, "--queries", x, "--recall", "0.9", "--out",
+        tmp_path / "recall-plan"], tmp_path / "recall-plan" / "plan.json"),
   ]
 
 

@@ -1,6 +1,5 @@
-"""MatryoshkaIndex: build, search (exact and funnel), add, save/load, planning, CLI handlers."""
+"""MatryoshkaIndex: build, search (exact and funnel), add, save/load, CLI handlers."""
 
-import json
 import os
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import pytest
 
 import adaptor
 from adaptor import index as index_lib
-from adaptor.index import MatryoshkaIndex, plan_schedule
+from adaptor.index import MatryoshkaIndex
 from adaptor.model import MatryoshkaAdaptor
 from adaptor.search import exact_search as search
 
@@ -164,26 +163,6 @@ def test_clear_errors(tmp_path, small_adaptor):
     index.save(tmp_path / "junk", overwrite=True)
 
 
-def test_plan_schedule_reaches_target_and_is_cheapest():
-  rng = np.random.default_rng(6)
-  # Matryoshka-like: energy decays along the coordinates, so short prefixes rank well.
-  corpus = (rng.normal(size=(600, 256)) * np.linspace(1.0, 0.02, 256) ** 2).astype(np.float32)
-  queries = corpus[:40] + 0.1 * rng.normal(size=(40, 256)).astype(np.float32)
-  index = MatryoshkaIndex.build(corpus)
-  kw = dict(k=5, first_keeps=(10, 40, 200), middle_keeps=(20,), corpus_size=100_000)
-  plan = plan_schedule(index, queries, **kw)
-  _, exact = index.search_rows(queries, 5)
-  _, funnel = index.search_rows(queries, 5, schedule=plan.schedule)
-  hits = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(funnel, exact)])
-  assert plan.recall >= 0.99 and hits == pytest.approx(plan.recall)
-  assert plan.speedup > 1 and plan.schedule[-1] == (256, 5) and len(plan.schedule) > 1
-  costs = [c["cost"] for c in plan.candidates]
-  assert costs == sorted(costs) and all(c["recall"] < 0.99 for c in plan.candidates[:-1])
-  assert all(c < plan.exact_cost for c in costs)
-  hard = plan_schedule(index, queries, k=5, first_dims=(1,), first_keeps=(10,), middle_keeps=())
-  assert hard.schedule == ((256, 5),) and hard.speedup == 1.0
-
-
 # ---------------------------------------------------------------- CLI
 
 
@@ -194,7 +173,7 @@ def _cli(argv) -> int:
 
 
 @pytest.mark.slow
-def test_cli_build_search_plan_on_shipped_data(tmp_path, capsys):
+def test_cli_build_search_on_shipped_data(tmp_path):
   out = tmp_path / "ix"
   assert _cli(["index", "build", "--corpus", str(EMB / "corpus.npy"), "--corpus-ids",
                str(EMB / "corpus_ids.txt"), "--precision", "float16", "--out", str(out)]) == 0
@@ -209,18 +188,6 @@ def test_cli_build_search_plan_on_shipped_data(tmp_path, capsys):
   q = np.load(EMB / "queries.npy")[:1]
   top = _brute_rows(q.astype(np.float32), corpus.astype(np.float16).astype(np.float32), 1, 384)
   assert lines[1].split("\t")[1] == ids[top[0, 0]]
-  few = tmp_path / "few.npy"   # 100 validation queries keep the plan quick
-  np.save(few, np.load(EMB / "queries.npy")[:100])
-  assert _cli(["index", "plan", "--index", str(out), "--queries", str(few),
-               "--out", str(tmp_path / "p.json")]) == 0
-  assert "recall@10 vs full exact" in capsys.readouterr().out
-  plan = json.loads((tmp_path / "p.json").read_text())
-  assert plan["recall"] >= 0.99 and plan["schedule"][-1] == [384, 10]
-  # The plan builds an index whose default schedule is the planned one.
-  assert _cli(["index", "build", "--corpus", str(EMB / "corpus.npy"), "--precision", "float16",
-               "--config", str(tmp_path / "p.json"), "--out", str(tmp_path / "planned")]) == 0
-  planned = adaptor.MatryoshkaIndex.load(tmp_path / "planned")
-  assert [list(s[:2]) for s in planned.schedule] == plan["schedule"]
 
 
 def test_cli_bad_input_exits_2(tmp_path, capsys):

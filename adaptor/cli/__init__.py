@@ -4,8 +4,9 @@ Bad input (a file, an array, a checkpoint) exits with status 2 and one line
 that names the thing, what was expected and what was found.
 
 Every argparse use of the package lives here, one module per command family:
-core (fit, apply, eval, export), index, qdrant, plan, check, and beam
-(`python -m adaptor.beam`); common holds what they share. The library modules
+core (fit, apply, eval, export), index (build, search), plan (either planner,
+writing the plan.json that `index build --config` reads), qdrant, check, and
+beam (`python -m adaptor.beam`); common holds what they share. The library modules
 raise errors that name their Python arguments; `common.cli_message` words them
 as flags.
 """

@@ -85,7 +85,7 @@ def add_input_args(p: argparse.ArgumentParser, *, with_beir: bool) -> None:
 
 def load_inputs(args, split):
   """Corpus, queries and qrels from --beir/--model or from individual files."""
-  from adaptor.data import InputError, check_qrels, load_beir, load_embeddings, load_qrels
+  from adaptor.data import InputError, load_beir, load_embeddings
 
   if getattr(args, "beir", None):
     if not args.model:
@@ -96,18 +96,31 @@ def load_inputs(args, split):
   if not args.corpus:
     raise InputError("give --beir ROOT --model NAME, or --corpus FILE")
   corpus = load_embeddings(args.corpus, column=args.column, ids=args.corpus_ids, name="--corpus")
+  queries, query_ids, qrels = load_query_files(args, corpus.ids)
+  return corpus.vectors, corpus.ids, queries, query_ids, qrels
+
+
+def load_query_files(args, doc_ids):
+  """--queries (with --query-ids and --column) and --qrels judging them against `doc_ids`.
+
+  Returns:
+    (queries [n, d], their ids or None, qrels or None), only the judged
+    queries when --qrels is given; (None, None, None) without --queries.
+  """
+  from adaptor.data import InputError, check_qrels, load_embeddings, load_qrels
+
   queries = query_ids = qrels = None
   if args.queries:
     q = load_embeddings(args.queries, column=args.column, ids=args.query_ids, name="--queries")
     queries, query_ids = q.vectors, q.ids
   if args.qrels:
     qrels = load_qrels(args.qrels)
-    if corpus.ids is None or query_ids is None:
+    if doc_ids is None or query_ids is None:
       raise InputError("--qrels needs --queries with --query-ids and --corpus-ids")
-    check_qrels(qrels, query_ids=query_ids, doc_ids=corpus.ids, name=args.qrels)
+    check_qrels(qrels, query_ids=query_ids, doc_ids=doc_ids, name=args.qrels)
     judged = [i for i, q in enumerate(query_ids) if q in qrels]
     queries, query_ids = np.asarray(queries[judged]), [query_ids[i] for i in judged]
-  return corpus.vectors, corpus.ids, queries, query_ids, qrels
+  return queries, query_ids, qrels
 
 
 def load_queries(args):

@@ -1,4 +1,4 @@
-"""`matryoshka-adaptor index build | search | plan`: the command line of `adaptor.index`."""
+"""`matryoshka-adaptor index build | search`: the command line of `adaptor.index` (planning: cli/plan.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from adaptor.api import load
 from adaptor.cli.common import argument_type, load_queries, write_run
 from adaptor.data import InputError, check_output, load_embeddings
 from adaptor.search import format_schedule, parse_schedule
-from adaptor.index import VECTOR_DTYPES, MatryoshkaIndex, adaptor_fingerprint, plan_schedule
+from adaptor.index import VECTOR_DTYPES, MatryoshkaIndex, adaptor_fingerprint
+from adaptor.plan import read_plan
 
 
 def _parse_workers(text: str) -> str:
@@ -29,8 +30,7 @@ def _cmd_build(args):
                      f"got d={emb.vectors.shape[1]}")
   stores, schedule = list(args.stores or []), None
   if args.config:
-    from adaptor.budget import read_config
-    config = read_config(args.config)
+    config = read_plan(args.config)
     d_out = model.d_out if model is not None else emb.vectors.shape[1]
     if config["d"] != d_out:
       raise InputError(f"--config {args.config}: planned for d={config['d']}, got an index of "
@@ -75,30 +75,8 @@ def _cmd_search(args):
       print(qid + "\t" + " ".join(row))
 
 
-def _cmd_plan(args):
-  from adaptor.evaluation import write_json
-  if args.out:
-    check_output(args.out, name="--out", overwrite=args.overwrite)
-  index = MatryoshkaIndex.load(args.index)
-  queries, _ = load_queries(args)
-  plan = plan_schedule(index, queries, k=args.k, target_recall=args.target,
-                       corpus_size=args.corpus_size)
-  stages = ",".join(f"{m}:{c}" for m, c in plan.schedule)
-  print(f"schedule {stages}  recall@{args.k} vs full exact {plan.recall:.4f}  "
-        f"est. {plan.cost:.3g} ms/query on the reference CPU ({plan.speedup:.1f}x cheaper than "
-        f"full-size exact at {plan.corpus_size} docs; {len(plan.candidates)} candidates tried)")
-  if args.out:
-    # The plan file's header makes it an `index build --config` input, as the budget plan is.
-    from adaptor.budget import plan_config
-    header = plan_config(
-        d=index.d, k=args.k, stores=[], schedule=plan.schedule,
-        adaptor_fingerprint=None if index.adaptor is None else adaptor_fingerprint(index.adaptor))
-    write_json({**header, **plan.to_dict()}, args.out)
-    print(f"wrote {args.out}")
-
-
 def add_index_commands(subparsers) -> argparse.ArgumentParser:
-  """Registers `index build|search|plan` on a CLI's subparsers.
+  """Registers `index build|search` on a CLI's subparsers.
 
   Each leaf parser gets `handler=fn(args)`; handlers raise InputError (a
   ValueError) or OSError on bad input, which the CLI maps to exit status 2.
@@ -106,7 +84,7 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
   Returns:
     the `index` parser.
   """
-  p = subparsers.add_parser("index", help="build, search and plan a Matryoshka search index")
+  p = subparsers.add_parser("index", help="build and search a Matryoshka search index")
   sub = p.add_subparsers(dest="index_command", required=True)
 
   b = sub.add_parser("build", help="adapt and store a corpus as an index")
@@ -125,15 +103,12 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
   b.add_argument("--overwrite", action="store_true", help="replace an existing index")
   b.set_defaults(handler=_cmd_build)
 
-  def query_args(q):
-    q.add_argument("--index", required=True, help="index directory")
-    q.add_argument("--queries", required=True, help="raw query embeddings")
-    q.add_argument("--query-ids", help="text file with one query id per line")
-    q.add_argument("--column", help="embedding column/array name")
-    q.add_argument("--k", type=int, default=10)
-
   s = sub.add_parser("search", help="top-k documents per query (exact at a dim, or a funnel)")
-  query_args(s)
+  s.add_argument("--index", required=True, help="index directory")
+  s.add_argument("--queries", required=True, help="raw query embeddings")
+  s.add_argument("--query-ids", help="text file with one query id per line")
+  s.add_argument("--column", help="embedding column/array name")
+  s.add_argument("--k", type=int, default=10)
   how = s.add_mutually_exclusive_group()
   how.add_argument("--dim", type=int, help="prefix length for exact search (default: all)")
   how.add_argument("--schedule", type=argument_type(parse_schedule),
@@ -149,13 +124,4 @@ def add_index_commands(subparsers) -> argparse.ArgumentParser:
                  "process may use); pays off for many queries on a large index (default 0: "
                  "search in this process)")
   s.set_defaults(handler=_cmd_search)
-
-  pl = sub.add_parser("plan", help="cheapest funnel schedule at a recall target")
-  query_args(pl)
-  pl.add_argument("--target", type=float, default=0.99,
-                  help="recall@k against full-size exact search (default 0.99)")
-  pl.add_argument("--corpus-size", type=int, help="estimate costs for this many documents")
-  pl.add_argument("--out", help="write the plan (and every candidate) as JSON")
-  pl.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-  pl.set_defaults(handler=_cmd_plan)
   return p

@@ -1,16 +1,36 @@
-"""Budget planner: which quantised stores and funnel to keep for a memory or quality target.
+"""Planning: which funnel, and which quantised stores, an index should search with.
 
+    plan = plan_schedule(index, validation_queries, target_recall=0.99)   # cheapest float funnel
     plan = plan_budget(index, validation_queries, qrels=qrels, query_ids=ids, bytes_per_vector=96)
-    print(plan.format_frontier()); plan.plot("frontier.png"); write_config(plan, "plan.json")
-    config = read_config("plan.json")
+    print(plan.format_table()); write_plan(plan, "plan.json")
+    config = read_plan("plan.json")
     index = MatryoshkaIndex.build(corpus, adaptor=model, stores=config["stores"],
                                   schedule=config["schedule"])
 
-The planner measures, on validation queries, every configuration of a grid
-(`Grid`): single-stage exact search at each (dims, precision) - float32,
-int8 or binary - and two- and three-stage funnels whose first stage scans a
-binary or int8 prefix and whose later stages rescore the shortlist with int8
-and/or the full float vectors, e.g. 256:400:binary,256:40:int8,768:10.
+Two planners, one plan file: `matryoshka-adaptor plan` runs either (--recall,
+or --bytes-per-vector / --quality) and writes plan.json, which
+`matryoshka-adaptor index build --config` reads. Both measure candidate
+schedules on validation queries with the index's own search; plan on
+validation queries (e.g. the train split) and report on test.
+
+Plan files are JSON. Each starts with the same header (`plan_config`): format
+"matryoshka-plan", format_version 1, d, k, the adaptor fingerprint, the
+quantised stores to build ([{"precision", "dims"}]) and the default schedule
+([[dim, keep, precision], ...]); the planner's details follow. `read_plan`
+checks the header and returns the whole file.
+
+The recall-target planner (`plan_schedule`, `Plan`) ranks two- and
+three-stage float funnels by the cost model of adaptor/search.py at a given
+corpus size and measures them cheapest first; the first whose top k agrees
+with full-size exact search on a `target_recall` share of results (recall@k
+against full-size exact results) wins. It needs no stores.
+
+The budget planner (`plan_budget`, `BudgetPlan`) measures every
+configuration of a grid (`Grid`): single-stage exact search at each (dims,
+precision) - float32, int8 or binary - and two- and three-stage funnels whose
+first stage scans a binary or int8 prefix and whose later stages rescore the
+shortlist with int8 and/or the full float vectors, e.g.
+256:400:binary,256:40:int8,768:10.
 
 For each it records
 - bytes/vector in memory. Convention "first-stage" (the default, and
@@ -35,22 +55,21 @@ The Pareto frontier keeps the configurations no other one beats on all three of
 bytes (in the chosen convention), quality and time. The choice is the best
 quality within `bytes_per_vector` (ties: fewer bytes, then faster), or the
 fewest bytes reaching relative `quality` (ties: better quality, then faster).
-Plan on validation queries (e.g. the train split) and report on test.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 
 import numpy as np
 
 from adaptor import quant
+from adaptor.checks import check_dim, check_k, check_positive
 from adaptor.data import InputError, atomic_file, check_embeddings
-from adaptor.checks import check_dim, check_k
-from adaptor.search import check_schedule, format_schedule
+from adaptor.index import adaptor_fingerprint
+from adaptor.search import Stage, check_schedule, format_schedule, schedule_cost
 
 CONVENTIONS = ("first-stage", "all")
 _CONFIG_FORMAT = "matryoshka-plan"
@@ -58,9 +77,185 @@ _CONFIG_VERSION = 1
 DEFAULT_QUALITY = 0.98
 
 
+def _overlap(found: np.ndarray, reference: np.ndarray) -> float:
+  """Mean |found_i ∩ reference_i| / k over rows ([n_q, k] each): recall@k against `reference`."""
+  k = reference.shape[1]
+  hits = (found[:, :, None] == reference[:, None, :]).any(axis=2).sum(axis=1)
+  return float(np.mean(hits / k))
+
+
+def _fingerprint(index) -> str | None:
+  return None if index.adaptor is None else adaptor_fingerprint(index.adaptor)
+
+
+def _adapted_queries(index, query_embeddings, adapted: bool) -> np.ndarray:
+  if adapted:
+    return check_embeddings(query_embeddings, name="query_embeddings",
+                            dim=index.d).astype(np.float32)
+  return index.prepare_queries(query_embeddings)
+
+
+# ---------------------------------------------------------------- recall target
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A planned float funnel and what it was measured to achieve (`plan_schedule`).
+
+  Attributes:
+    schedule: the chosen `Stage`s, or full-size exact search (Stage(d, k),)
+      if no cheaper candidate reached the target.
+    recall: mean top-k overlap with full-size exact search on the validation
+      queries (recall@k against full-size exact results).
+    cost: estimated ms per query on the reference CPU (`search.schedule_cost`)
+      at `corpus_size` documents.
+    exact_cost: the same for full-size exact search, the schedule [(d, k)].
+    speedup: exact_cost / cost.
+    corpus_size: the corpus size the costs are estimated for.
+    target: the recall target.
+    candidates: the candidates measured, cheapest first: {"schedule" (as
+      [[dim, keep, precision], ...]), "label", "recall", "cost"}.
+    k, d: results per query and vector size.
+    n_queries, n_docs: the validation set.
+    adaptor_fingerprint: the index's adaptor (None without one).
+  """
+
+  schedule: tuple[Stage, ...]
+  recall: float
+  cost: float
+  exact_cost: float
+  speedup: float
+  corpus_size: int
+  target: float
+  candidates: list
+  k: int
+  d: int
+  n_queries: int
+  n_docs: int
+  adaptor_fingerprint: str | None
+
+  def config(self) -> dict:
+    """The plan-file header (`plan_config`): no stores, the planned schedule."""
+    return plan_config(d=self.d, k=self.k, adaptor_fingerprint=self.adaptor_fingerprint,
+                       stores=[], schedule=self.schedule)
+
+  def to_dict(self) -> dict:
+    """The plan file: the header, then what was measured."""
+    out = self.config()
+    out.update({"planner": "recall-target", "recall": self.recall, "target": self.target,
+                "cost": self.cost, "exact_cost": self.exact_cost, "speedup": self.speedup,
+                "corpus_size": self.corpus_size, "n_queries": self.n_queries,
+                "n_docs": self.n_docs, "candidates": list(self.candidates)})
+    return out
+
+  def format_table(self, rows: int = 8) -> str:
+    """A Markdown table of the last `rows` candidates measured (the costliest, nearest the
+    target) and of full-size exact search; the chosen row is marked with *."""
+    shown = self.candidates[-rows:] if rows > 0 else []
+    exact = {"schedule": [[self.d, self.k, "float32"]], "recall": 1.0, "cost": self.exact_cost}
+    lines = [f"| | schedule | recall@{self.k} vs full exact | est. ms/query at "
+             f"{self.corpus_size} docs | speed-up |", "|---|---|---|---|---|"]
+    if len(self.candidates) > len(shown):
+      lines.append(f"| | ({len(self.candidates) - len(shown)} cheaper candidates, below the "
+                   f"target) | | | |")
+    for c in shown + [exact]:
+      chosen = [tuple(st) for st in c["schedule"]] == list(self.schedule)
+      lines.append(f"| {'*' if chosen else ''} | {format_schedule(c['schedule'])} | "
+                   f"{c['recall']:.4f} | {c['cost']:.3g} | {self.exact_cost / c['cost']:.1f}x |")
+    return "\n".join(lines)
+
+
+def plan_schedule(index, query_embeddings, *, k: int = 10, target_recall: float = 0.99,
+                  first_dims=None, first_keeps=None, middle_dims=None, middle_keeps=None,
+                  corpus_size: int | None = None, adapted: bool = False) -> Plan:
+  """Picks the cheapest float funnel whose top-k matches full-size exact search often enough.
+
+  Considers every two-stage schedule [(m1, K1), (d, k)] and three-stage
+  schedule [(m1, K1), (m2, K2), (d, k)] from the given grids, cheapest first
+  (by `search.schedule_cost`), and measures on the validation queries the mean
+  overlap of its top k with the top k of exact search at all d dims (recall@k
+  against full-size exact results); the first at or above `target_recall` wins.
+  The index's own search measures them: one first-stage search per m1 (at the
+  largest K1), then its re-rank (`MatryoshkaIndex.rerank_rows`) per later stage.
+
+  Args:
+    index: the `MatryoshkaIndex` to plan for.
+    query_embeddings: validation queries (raw), with shape [n_q, d_in].
+    k: results per query.
+    target_recall: the recall@k against full-size exact search to reach, in (0, 1].
+    first_dims: candidate m1 (default: the index's stored dims below d).
+    first_keeps: candidate K1 (default 20, 50, 100, 200, 500, 1000, 2000, 4000).
+    middle_dims: candidate m2 (default: the first dims); m1 < m2 < d.
+    middle_keeps: candidate K2 (default 20, 50, 100, 200); k <= K2 < K1.
+    corpus_size: corpus size the costs are estimated for (default: the index's).
+    adapted: the queries are already adapted vectors [n_q, d].
+
+  Returns:
+    A `Plan`; if no candidate cheaper than full-size exact search reaches
+    the target, its schedule is full-size exact search (Stage(d, k),), recall 1.
+  """
+  if isinstance(target_recall, bool) or not isinstance(target_recall, (int, float)) or \
+      not 0 < target_recall <= 1:
+    raise InputError(f"target_recall must be in (0, 1], got {target_recall!r}")
+  n, d = index.n, index.d
+  k = check_k(k, n, what="the index size")
+  q = _adapted_queries(index, query_embeddings, adapted)
+  corpus_size = n if corpus_size is None else check_positive(corpus_size, "corpus_size")
+  first_dims = [m for m in index.dims if m < d] if first_dims is None else list(first_dims)
+  middle_dims = first_dims if middle_dims is None else list(middle_dims)
+  first_keeps = (20, 50, 100, 200, 500, 1000, 2000, 4000) if first_keeps is None else first_keeps
+  middle_keeps = (20, 50, 100, 200) if middle_keeps is None else middle_keeps
+  first_keeps = sorted({c for c in first_keeps if k <= c <= n})
+  middle_keeps = sorted({c for c in middle_keeps if k <= c})
+  for m in set(first_dims) | set(middle_dims):
+    check_dim(m, d, name="planned dims")
+
+  schedules = []
+  for m1 in sorted(m for m in set(first_dims) if m < d):
+    for k1 in first_keeps:
+      schedules.append((Stage(m1, k1), Stage(d, k)))
+      schedules += [(Stage(m1, k1), Stage(m2, k2), Stage(d, k)) for m2 in sorted(set(middle_dims))
+                    for k2 in middle_keeps if m1 < m2 < d and k2 < k1]
+  cost = lambda sch: schedule_cost([st[:2] for st in sch], corpus_size)   # Float stages only.
+  exact_cost = cost((Stage(d, k),))
+  # Only funnels estimated cheaper than full-size exact search are worth trying.
+  schedules = sorted((sch for sch in schedules if cost(sch) < exact_cost), key=cost)
+
+  # Cheapest first, stopping at the first that reaches the target; the
+  # first-stage shortlists are computed once per m1, at the largest K1 (the
+  # best K1 of them are the top K1: best first, ties to the lower row).
+  _, exact = index.search_rows(q, k, dim=d, adapted=True)
+  shortlists, candidates, best = {}, [], None
+  for schedule in schedules:
+    m1, k1, _ = schedule[0]
+    if m1 not in shortlists:
+      shortlists[m1] = index.search_rows(q, max(first_keeps), dim=m1, adapted=True)[1]
+    rows = shortlists[m1][:, :k1]
+    for m, keep, precision in schedule[1:]:
+      rows = index.rerank_rows(q, rows, keep, dim=m, precision=precision, adapted=True)[1]
+    candidates.append({"schedule": [list(st) for st in schedule],
+                       "label": format_schedule(schedule),
+                       "recall": _overlap(rows, exact), "cost": cost(schedule)})
+    if candidates[-1]["recall"] >= target_recall:
+      best = schedule
+      break
+
+  if best is not None:
+    schedule, recall, best_cost = best, candidates[-1]["recall"], candidates[-1]["cost"]
+  else:
+    schedule, recall, best_cost = (Stage(d, k),), 1.0, exact_cost
+  return Plan(schedule=schedule, recall=recall, cost=best_cost, exact_cost=exact_cost,
+              speedup=exact_cost / best_cost, corpus_size=corpus_size, target=target_recall,
+              candidates=candidates, k=k, d=d, n_queries=q.shape[0], n_docs=n,
+              adaptor_fingerprint=_fingerprint(index))
+
+
+# ---------------------------------------------------------------- budget
+
+
 @dataclasses.dataclass(frozen=True)
 class Grid:
-  """The configurations the planner measures.
+  """The configurations the budget planner measures.
 
   Attributes:
     dims: prefix lengths (default: 32, 64, 128, ... below d, and d); binary
@@ -260,20 +455,21 @@ class BudgetPlan:
     return self.candidates[self.choice]
 
   def config(self) -> dict:
-    """What `index build --config` needs: the stores and the default schedule."""
+    """The plan-file header (`plan_config`): the chosen stores and schedule."""
     return plan_config(d=self.d, k=self.k, adaptor_fingerprint=self.adaptor_fingerprint,
                        stores=self.chosen.to_dict()["stores"], schedule=self.chosen.schedule)
 
   def to_dict(self) -> dict:
+    """The plan file: the header, then the choice, the frontier and every candidate."""
     out = self.config()
-    out.update({"chosen": self.chosen.to_dict(), "metric": self.metric,
+    out.update({"planner": "budget", "chosen": self.chosen.to_dict(), "metric": self.metric,
                 "full_quality": self.full_quality, "convention": self.convention,
                 "criterion": self.criterion, "n_queries": self.n_queries, "n_docs": self.n_docs,
                 "frontier": [self.candidates[i].to_dict() for i in self.frontier],
                 "candidates": [c.to_dict() for c in self.candidates]})
     return out
 
-  def format_frontier(self) -> str:
+  def format_table(self) -> str:
     """A Markdown table of the frontier; the chosen row is marked with *."""
     rows = list(self.frontier)
     if self.choice not in rows:  # Cannot happen for a unique best, but ties may hide it.
@@ -326,14 +522,9 @@ def plot_frontier(candidates, frontier, choice, path, *, convention="first-stage
   save_figure(fig, path)
 
 
-def _overlap(found: np.ndarray, reference: np.ndarray) -> float:
-  k = reference.shape[1]
-  return float(np.mean((found[:, :, None] == reference[:, None, :]).any(axis=2).sum(axis=1) / k))
-
-
 def measure(index, queries, schedule, *, k: int, qrels=None, query_ids=None, reference=None,
             repeats: int = 3, query_batch: int = 256,
-            time_queries: int | None = None) -> tuple[float, float, np.ndarray]:
+            time_queries: int | None = None) -> tuple[float, float]:
   """Quality and median time of one schedule on adapted queries.
 
   Args:
@@ -347,7 +538,7 @@ def measure(index, queries, schedule, *, k: int, qrels=None, query_ids=None, ref
       quality is always measured on all of them.
 
   Returns:
-    (quality, ms_per_query, rows [n_q, k]).
+    (quality, ms_per_query).
   """
   from adaptor.metrics import evaluate_topk
   run = lambda q: index.search_rows(q, k, schedule=schedule, adapted=True,
@@ -364,7 +555,7 @@ def measure(index, queries, schedule, *, k: int, qrels=None, query_ids=None, ref
     quality = evaluate_topk(rows, scores, query_ids, index.ids, qrels, k_values=(k,))[f"ndcg@{k}"]
   else:
     quality = _overlap(rows, reference)
-  return float(quality), ms, rows
+  return float(quality), ms
 
 
 def plan_budget(index, query_embeddings, *, k: int = 10, qrels=None, query_ids=None,
@@ -397,7 +588,6 @@ def plan_budget(index, query_embeddings, *, k: int = 10, qrels=None, query_ids=N
   Returns:
     A `BudgetPlan`.
   """
-  from adaptor.index import adaptor_fingerprint
   if convention not in CONVENTIONS:
     raise InputError(f"convention must be one of {list(CONVENTIONS)}, got {convention!r}")
   if bytes_per_vector is not None and quality is not None:
@@ -411,8 +601,7 @@ def plan_budget(index, query_embeddings, *, k: int = 10, qrels=None, query_ids=N
     quality = DEFAULT_QUALITY
   d, n = index.d, index.n
   k = check_k(k, n, what="the index size")
-  q = (check_embeddings(query_embeddings, name="query_embeddings", dim=d).astype(np.float32)
-       if adapted else index.prepare_queries(query_embeddings))
+  q = _adapted_queries(index, query_embeddings, adapted)
   if qrels is not None:
     if query_ids is None or len(query_ids) != q.shape[0]:
       raise InputError(f"query_ids must name the {q.shape[0]} validation queries when qrels are "
@@ -441,7 +630,7 @@ def plan_budget(index, query_embeddings, *, k: int = 10, qrels=None, query_ids=N
   _, reference = work.search_rows(q, k, dim=d, adapted=True, query_batch=query_batch)
   candidates = []
   for schedule, size in zip(schedules, sizes):
-    qual, ms, _ = measure(work, q, schedule, k=k, qrels=qrels, query_ids=query_ids,
+    qual, ms = measure(work, q, schedule, k=k, qrels=qrels, query_ids=query_ids,
                           reference=reference, repeats=repeats, query_batch=query_batch,
                           time_queries=time_queries)
     candidates.append([schedule, size["first_stage"], size["stored"], qual, ms])
@@ -461,41 +650,41 @@ def plan_budget(index, query_embeddings, *, k: int = 10, qrels=None, query_ids=N
   return BudgetPlan(candidates=candidates, frontier=pareto_front(candidates, convention),
                     choice=choice, metric=f"{'ndcg' if qrels is not None else 'recall'}@{k}",
                     full_quality=full, k=k, d=d, convention=convention, criterion=criterion,
-                    n_queries=q.shape[0], n_docs=n,
-                    adaptor_fingerprint=None if index.adaptor is None
-                    else adaptor_fingerprint(index.adaptor))
+                    n_queries=q.shape[0], n_docs=n, adaptor_fingerprint=_fingerprint(index))
 
 
-# ---------------------------------------------------------------- config files
+# ---------------------------------------------------------------- plan files
 
 
 def plan_config(*, d: int, k: int, adaptor_fingerprint, stores, schedule) -> dict:
-  """The header every plan file starts with, and all that `read_config` needs.
-
-  Both planners write it (the budget planner here, the recall-target planner
-  through `index plan --out`), so either file builds an index.
+  """The header every plan file starts with, and all that `index build --config` needs.
 
   Args:
     d: the adapted size the plan is for.
     k: results per query.
     adaptor_fingerprint: `index.adaptor_fingerprint` of the adaptor, or None.
     stores: quantised stores to build, as [{"precision", "dims"}].
-    schedule: the default funnel, (dim, keep[, precision]) stages.
+    schedule: the default funnel, (dim, keep[, precision]) stages; written
+      as [[dim, keep, precision], ...].
   """
   return {"format": _CONFIG_FORMAT, "format_version": _CONFIG_VERSION, "d": int(d), "k": int(k),
           "adaptor_fingerprint": adaptor_fingerprint, "stores": list(stores),
-          "schedule": [list(s) for s in schedule]}
+          "schedule": [list(Stage(*st)) for st in schedule]}
 
 
-def write_config(plan: BudgetPlan, path) -> None:
-  """Writes the plan (its config for `index build --config`, the frontier and every candidate) as JSON, atomically."""
+def write_plan(plan: Plan | BudgetPlan, path) -> None:
+  """Writes either planner's plan as JSON, atomically: its header (`config()`), then its details."""
   with atomic_file(path) as f:
     json.dump(plan.to_dict(), f, indent=2)
     f.write("\n")
 
 
-def read_config(path) -> dict:
-  """Reads and checks a plan written by `write_config`; InputError naming what is wrong."""
+def read_plan(path) -> dict:
+  """Reads and checks a plan file (see the module docstring); InputError naming what is wrong.
+
+  Returns:
+    the whole file as a dict; its "stores" and "schedule" are checked against its "d".
+  """
   try:
     with open(path) as f:
       config = json.load(f)
@@ -504,9 +693,10 @@ def read_config(path) -> dict:
                      f"{e}") from None
   if not isinstance(config, dict) or config.get("format") != _CONFIG_FORMAT or \
       config.get("format_version") != _CONFIG_VERSION:
-    found = config.get("format") if isinstance(config, dict) else type(config).__name__
+    found = (f"format {config.get('format')!r} format_version {config.get('format_version')!r}"
+             if isinstance(config, dict) else f"a JSON {type(config).__name__}")
     raise InputError(f"{path}: expected a {_CONFIG_FORMAT} format_version {_CONFIG_VERSION}, "
-                     f"found {found!r}")
+                     f"found {found}")
   missing = [key for key in ("d", "stores", "schedule") if key not in config]
   if missing:
     raise InputError(f"{path}: expected keys d, stores and schedule, missing {missing}")
