@@ -45,7 +45,6 @@ vectors correctly.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import threading
@@ -61,6 +60,7 @@ from adaptor.search import SearchArrays, check_schedule, format_schedule
 from adaptor.truncation import aligned_empty, prefix_inv_norms, truncate
 # Renamed: MatryoshkaIndex's methods take an argument called `adaptor`.
 from adaptor.api import load as load_adaptor
+from adaptor.model import adaptor_fingerprint, default_dims
 from adaptor.data import (InputError, as_id_list, check_embeddings, check_ids, fsync_dir,
                           links_leaving, member_path, temp_dir)
 
@@ -75,27 +75,6 @@ _MARKER = "COMPLETE"
 VECTOR_DTYPES = {"float32": np.float32, "float16": np.float16}
 # Rows adapted, normalised and copied at a time when building or adding.
 _BUILD_ROWS = 65536
-
-
-def adaptor_fingerprint(model) -> str:
-  """A digest of an adaptor's config and parameters."""
-  from flax import nnx
-  h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
-  leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model.module, nnx.Param))
-  for path, leaf in leaves:
-    h.update(jax.tree_util.keystr(path).encode())
-    h.update(np.ascontiguousarray(np.asarray(leaf)).data)
-  return h.hexdigest()[:16]
-
-
-def _default_dims(d: int, model) -> tuple[int, ...]:
-  dims = set(model.dims) if model is not None else set()
-  m = 16
-  while m < d:
-    dims.add(m)
-    m *= 2
-  dims.add(d)
-  return tuple(sorted(m for m in dims if 1 <= m <= d))
 
 
 def _exclusive(method):
@@ -228,7 +207,8 @@ class MatryoshkaIndex:
     wanted = _store_specs(stores, index.d)  # Checked before the corpus is adapted.
     vectors, index.ids = index._prepared(x, ids, name=name, ids_name="ids")
     index._arrays = SearchArrays(vectors)
-    for m in (_default_dims(index.d, adaptor) if dims is None else dims):
+    trained = () if adaptor is None else tuple(m for m in adaptor.dims if m <= index.d)
+    for m in (sorted(set(default_dims(index.d)) | set(trained)) if dims is None else dims):
       index.prefix_inv_norms(m)
     for p, m in wanted:
       index.add_store(p, m, calibration_rows=calibration_rows, key=key)

@@ -264,3 +264,22 @@ def evaluate_topk(
     k_values: positive cut-offs; every metric is reported at each.
   """
   return evaluate(run_from_topk(indices, scores, query_ids, doc_ids), qrels, k_values=k_values)
+
+
+def topk_overlap(found, reference) -> float:
+  """Mean share of each row of `reference` found in the same row of `found`: recall@k against a reference.
+
+  Args:
+    found: int document rows (or ids), with shape [n_queries, >= 1].
+    reference: the reference's rows, with shape [n_queries, k] (e.g. full-size
+      exact search's top k).
+
+  Returns:
+    mean over queries of |found_i ∩ reference_i| / k, in [0, 1].
+  """
+  found, reference = np.asarray(found), np.asarray(reference)
+  if found.ndim != 2 or reference.ndim != 2 or found.shape[0] != reference.shape[0]:
+    raise ValueError(f"found and reference must be [n_queries, k] arrays with the same rows, got "
+                     f"shapes {found.shape} and {reference.shape}")
+  hits = (found[:, :, None] == reference[:, None, :]).any(axis=2).sum(axis=1)
+  return float(np.mean(hits / reference.shape[1]))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +32,22 @@ def default_dims(d: int) -> tuple[int, ...]:
     dims.append(m)
     m *= 2
   return tuple(dims) + (d,)
+
+
+def adaptor_fingerprint(model) -> str:
+  """16 hex characters that identify a fitted adaptor: a sha256 of its config and parameters.
+
+  An index stores it, and a plan or a resumed apply checks it, to refuse another adaptor.
+
+  Args:
+    model: an `Adaptor` or its `MatryoshkaAdaptor` module.
+  """
+  module = getattr(model, "module", model)
+  h = hashlib.sha256(json.dumps(module.config.to_dict(), sort_keys=True).encode())
+  for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(module, nnx.Param)):
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(np.ascontiguousarray(np.asarray(leaf)).data)
+  return h.hexdigest()[:16]
 
 
 def check_dims(dims, d: int, *, name: str = "dims") -> tuple[int, ...]:

@@ -68,20 +68,14 @@ import numpy as np
 from adaptor import quant
 from adaptor.checks import check_dim, check_k, check_positive
 from adaptor.data import InputError, atomic_file, check_embeddings
-from adaptor.index import adaptor_fingerprint
+from adaptor.metrics import evaluate_topk, topk_overlap
+from adaptor.model import adaptor_fingerprint, default_dims
 from adaptor.search import Stage, check_schedule, format_schedule, schedule_cost
 
 CONVENTIONS = ("first-stage", "all")
 _CONFIG_FORMAT = "matryoshka-plan"
 _CONFIG_VERSION = 1
 DEFAULT_QUALITY = 0.98
-
-
-def _overlap(found: np.ndarray, reference: np.ndarray) -> float:
-  """Mean |found_i ∩ reference_i| / k over rows ([n_q, k] each): recall@k against `reference`."""
-  k = reference.shape[1]
-  hits = (found[:, :, None] == reference[:, None, :]).any(axis=2).sum(axis=1)
-  return float(np.mean(hits / k))
 
 
 def _fingerprint(index) -> str | None:
@@ -235,7 +229,7 @@ def plan_schedule(index, query_embeddings, *, k: int = 10, target_recall: float 
       rows = index.rerank_rows(q, rows, keep, dim=m, precision=precision, adapted=True)[1]
     candidates.append({"schedule": [list(st) for st in schedule],
                        "label": format_schedule(schedule),
-                       "recall": _overlap(rows, exact), "cost": cost(schedule)})
+                       "recall": topk_overlap(rows, exact), "cost": cost(schedule)})
     if candidates[-1]["recall"] >= target_recall:
       best = schedule
       break
@@ -278,12 +272,8 @@ class Grid:
   middle_shortlist: int = 4
 
   def resolved_dims(self, d: int) -> tuple[int, ...]:
-    if self.dims is None:
-      dims, m = [], 32
-      while m < d:
-        dims.append(m)
-        m *= 2
-      return tuple(dims) + (d,)
+    if self.dims is None:   # Shorter prefixes than 32 dims keep too little to be worth a store.
+      return tuple(m for m in default_dims(d) if m >= 32 or m == d)
     dims = tuple(sorted({int(m) for m in self.dims}))
     for m in dims:
       check_dim(m, d, name="grid dims")
@@ -540,7 +530,6 @@ def measure(index, queries, schedule, *, k: int, qrels=None, query_ids=None, ref
   Returns:
     (quality, ms_per_query).
   """
-  from adaptor.metrics import evaluate_topk
   run = lambda q: index.search_rows(q, k, schedule=schedule, adapted=True,
                                     query_batch=query_batch)
   scores, rows = run(queries)
@@ -554,7 +543,7 @@ def measure(index, queries, schedule, *, k: int, qrels=None, query_ids=None, ref
   if qrels is not None:
     quality = evaluate_topk(rows, scores, query_ids, index.ids, qrels, k_values=(k,))[f"ndcg@{k}"]
   else:
-    quality = _overlap(rows, reference)
+    quality = topk_overlap(rows, reference)
   return float(quality), ms
 
 

@@ -49,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
-import hashlib
 import json
 import os
 import re
@@ -63,9 +62,9 @@ import numpy as np
 
 from adaptor._version import __version__
 from adaptor import interrupts
-from adaptor.data import (InputError, atomic_file, check_embeddings, fingerprint, fsync_dir,
+from adaptor.data import (InputError, atomic_file, check_embeddings, fsync_dir,
                           load_npy, member_path, vectors_from_arrow)
-from adaptor.model import apply_adaptor, warn_untrained_dim
+from adaptor.model import adaptor_fingerprint, apply_adaptor, warn_untrained_dim
 from adaptor.checks import check_dim, check_positive
 
 DEFAULT_BATCH_SIZE = 8192      # the default of `Adaptor.apply`, so results match it bit for bit
@@ -613,18 +612,6 @@ def _prepare_output(out: Path, config: dict, *, overwrite: bool, sources) -> dic
 # ---------------------------------------------------------------- public API
 
 
-def params_digest(model) -> str:
-  """A short hex digest of an adaptor's parameters (paths, shapes, dtypes and bytes)."""
-  from flax import nnx
-
-  module = getattr(model, "module", model)
-  h = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.state(module, nnx.Param))[0]:
-    h.update(jax.tree_util.keystr(path).encode())
-    h.update(fingerprint(np.asarray(leaf)).encode())
-  return h.hexdigest()[:16]
-
-
 def apply_files(
     model,
     inputs,
@@ -704,7 +691,7 @@ def apply_files(
 
   config = {
       "adaptor": cfg.to_dict(),
-      "params_digest": params_digest(module),
+      "adaptor_fingerprint": adaptor_fingerprint(module),
       "inputs": [s.stamp() for s in sources],
       "dim": dim,
       "dtype": dtype.name,

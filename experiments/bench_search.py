@@ -95,11 +95,6 @@ def smoke_config() -> Config:
 # ---------------------------------------------------------------- helpers
 
 
-def _overlap(found, reference) -> float:
-  k = reference.shape[1]
-  return float(np.mean((found[:, :, None] == reference[:, None, :]).any(2).sum(1) / k))
-
-
 def _synthetic(cfg: Config, n: int, salt: int) -> np.ndarray:
   return synthetic(n, cfg.d, cfg.seed, salt)
 
@@ -160,6 +155,7 @@ def worker_speed(cfg: Config, extra: dict, threads: str) -> dict:
   """Tables 1 and 2 under one thread setting."""
   import faiss
   from adaptor.index import MatryoshkaIndex
+  from adaptor.metrics import topk_overlap
   if threads == "1":
     faiss.omp_set_num_threads(1)
   k, reps = cfg.k, cfg.repeats
@@ -210,7 +206,7 @@ def worker_speed(cfg: Config, extra: dict, threads: str) -> dict:
         "ours_qps": cfg.n_queries / ours, "faiss_qps": cfg.n_queries / t_faiss,
         "numpy_qps": cfg.n_queries / t_numpy, "ours_s": ours, "faiss_s": t_faiss,
         "numpy_s": t_numpy, "ours_over_faiss_time": ours / t_faiss,
-        "agreement_with_faiss": _overlap(rows, faiss_rows)}
+        "agreement_with_faiss": topk_overlap(rows, faiss_rows)}
     print(f"[threads={threads}] exact dim {dim}: ours {ours:.2f}s faiss {t_faiss:.2f}s "
           f"numpy {t_numpy:.2f}s", flush=True)
   full = out["exact"][str(cfg.d)]
@@ -225,7 +221,7 @@ def worker_speed(cfg: Config, extra: dict, threads: str) -> dict:
         "schedule": [list(s) for s in schedule], "s": t, "qps": cfg.n_queries / t,
         "faiss_full_s_paired": t_faiss, "speedup_vs_faiss_full": ratio,
         "speedup_vs_ours_full": full["ours_s"] / t,
-        "synthetic_recall_vs_full": _overlap(rows, exact_rows[cfg.d])})
+        "synthetic_recall_vs_full": topk_overlap(rows, exact_rows[cfg.d])})
     print(f"[threads={threads}] funnel {_schedule_text(schedule)}: {t:.2f}s"
           + (f" (faiss full beside it {t_faiss:.2f}s, {ratio:.2f}x)" if ratio else ""), flush=True)
   if threads == "all" and on_cpu:
@@ -320,6 +316,7 @@ def quality(cfg: Config) -> dict:
   """Table 3 (in this process, all threads), plus the plan that tables 2 and 4 time."""
   import adaptor
   from adaptor.index import MatryoshkaIndex
+  from adaptor.metrics import topk_overlap
   from adaptor.plan import plan_schedule
   out = {}
   for model in cfg.models:
@@ -352,7 +349,7 @@ def quality(cfg: Config) -> dict:
       scores, found = index.search_rows(q, cfg.k, adapted=True, **how)
       metrics = adaptor.evaluate_topk(found, scores, test_ids, data.corpus.ids, qrels,
                                       k_values=(cfg.k,))
-      rows[name] = {"ndcg@10": metrics[f"ndcg@{cfg.k}"], "recall@10_vs_full": _overlap(found, full),
+      rows[name] = {"ndcg@10": metrics[f"ndcg@{cfg.k}"], "recall@10_vs_full": topk_overlap(found, full),
                     "ms_per_query": 1000 * t / len(q)}
 
     for dim in fitted.dims:

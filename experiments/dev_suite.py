@@ -41,7 +41,7 @@ import numpy as np
 
 import adaptor
 from adaptor import evaluation
-from adaptor.stream import params_digest
+from adaptor.model import adaptor_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 REGIMES = ("corpus", "queries", "log50")
@@ -149,7 +149,7 @@ def run_collection(cfg: Config, root: Path, model_name: str) -> dict:
                                corpus_ids=data.corpus.ids, qrels=test_qrels, dims=dims)
     out["regimes"][regime] = {
         "n_queries": 0 if queries is None else len(queries), "fit_seconds": fit_seconds,
-        "params_digest": params_digest(model),
+        "adaptor_fingerprint": adaptor_fingerprint(model),
         "fit_info": {k: v for k, v in model.info.items() if k not in ("stages",)},
         "stages": {k: {"steps": v["steps"], "kept_step": v["kept_step"]}
                    for k, v in model.info.get("stages", {}).items()},

@@ -286,3 +286,13 @@ def test_ties_match_pytrec_eval():
     ref = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(run)
     ours = metrics.evaluate(run, qrels, k_values=(len(ids),))
     assert ours[f"mrr@{len(ids)}"] == pytest.approx(ref["q"]["recip_rank"], abs=1e-12), target
+
+
+def test_topk_overlap_by_hand():
+  from adaptor.metrics import topk_overlap
+  found = np.array([[1, 2, 3], [7, 8, 9]])
+  reference = np.array([[3, 1, 5], [9, 0, 4]])
+  assert topk_overlap(found, reference) == pytest.approx((2 / 3 + 1 / 3) / 2)
+  assert topk_overlap(found[:, :1], reference) == pytest.approx((1 / 3 + 0) / 2)   # 1 is found, 7 not
+  with pytest.raises(ValueError, match=r"same rows, got shapes \(1, 3\) and \(2, 3\)"):
+    topk_overlap(found[:1], reference)

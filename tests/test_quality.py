@@ -104,7 +104,8 @@ def test_dev_suite_fits_never_see_the_test_judgements(tmp_path):
   cfg = dev_suite.Config(regimes=("log50",), fit=fit)
   a = dev_suite.run_collection(cfg, tmp_path / "a", "toy")
   b = dev_suite.run_collection(cfg, tmp_path / "b", "toy")
-  assert a["regimes"]["log50"]["params_digest"] == b["regimes"]["log50"]["params_digest"]
+  assert (a["regimes"]["log50"]["adaptor_fingerprint"]
+          == b["regimes"]["log50"]["adaptor_fingerprint"])
   assert a["regimes"]["log50"]["table"] != b["regimes"]["log50"]["table"]
 
 

@@ -216,7 +216,7 @@ def test_other_config_is_refused_unless_overwrite(tmp_path):
   with pytest.raises(InputError, match=r"holds the output of another run \(its manifest differs "
                      r"in: dim\); pass overwrite=True"):
     stream.apply_files(MODEL, tmp_path / "in", tmp_path / "out", dim=3, **kw)
-  with pytest.raises(InputError, match="differs in: params_digest"):
+  with pytest.raises(InputError, match="differs in: adaptor_fingerprint"):
     stream.apply_files(_adaptor(seed=1), tmp_path / "in", tmp_path / "out", dim=4, **kw)
   os.utime(tmp_path / "in" / "in-02.npy", ns=(1, 1))  # the input changed
   with pytest.raises(InputError, match="differs in: inputs"):

@@ -10,7 +10,8 @@ from adaptor.api import load
 from adaptor.cli.common import argument_type, load_queries, write_run
 from adaptor.data import InputError, check_output, load_embeddings
 from adaptor.search import format_schedule, parse_schedule
-from adaptor.index import VECTOR_DTYPES, MatryoshkaIndex, adaptor_fingerprint
+from adaptor.index import VECTOR_DTYPES, MatryoshkaIndex
+from adaptor.model import adaptor_fingerprint
 from adaptor.plan import read_plan
 
 
