@@ -54,6 +54,7 @@ class Config:
   pairs: int = 5
   repeats: int = 3        # timed calls per measurement and run, after one warm-up
   seed: int = 0           # corpus: numpy stream (seed, 1); queries: (seed, 2)
+  measure: tuple = ("exact", "funnel")   # which searches to time
   out: str = "results/bench_commits"
 
 
@@ -99,7 +100,8 @@ def worker(checkout: str, payload: dict, out: Path) -> None:
   # search_rows: the search itself, without turning rows into id strings (27 ms at 1M).
   calls = {"exact": lambda: index.search_rows(queries, cfg.k, dim=cfg.d),
            "funnel": lambda: index.search_rows(queries, cfg.k, schedule=schedule)}
-  for name, fn in calls.items():
+  for name in cfg.measure:
+    fn = calls[name]
     _, ids = fn()   # warm-up: compiles
     np.save(out / f"{name}.npy", np.asarray(ids).astype(str))
     res[f"{name}_s"] = median_time(fn, cfg.repeats)
@@ -180,11 +182,11 @@ def bench(cfg: Config, sides: dict, tmp: Path, say) -> dict:
       r = _run_worker(cfg, sides[side], tmp, tmp / f"{side}-{i}")
       runs[side].append(r)
       done, el = len(runs["old"]) + len(runs["new"]), time.perf_counter() - t0
-      say(f"[{done}/{total}] pair {i} {side}: exact {r['exact_s'] / cfg.queries * 1e3:.3f}, "
-          f"funnel {r['funnel_s'] / cfg.queries * 1e3:.3f} ms/query; "
+      times = ", ".join(f"{m} {r[f'{m}_s'] / cfg.queries * 1e3:.3f}" for m in cfg.measure)
+      say(f"[{done}/{total}] pair {i} {side}: {times} ms/query; "
           f"elapsed {el:.0f} s, ETA {el / done * (total - done):.0f} s")
   summary = {}
-  for m in ("exact", "funnel"):
+  for m in cfg.measure:
     ratios = [n[f"{m}_s"] / o[f"{m}_s"] for o, n in zip(runs["old"], runs["new"])]
     ref = np.load(tmp / "old-0" / f"{m}.npy")
     # Query rows whose top-k ids differ from the first old run's, worst run.
@@ -218,6 +220,7 @@ def main(argv=None) -> int:
   for name in ("n_docs", "d", "queries", "k", "pairs", "repeats", "seed"):
     p.add_argument("--" + name.replace("_", "-"), type=int)
   p.add_argument("--schedule", help="funnel stages dim:keep,... (default 32:500,128:50,768:10)")
+  p.add_argument("--measure", help="comma-separated searches to time: exact,funnel (default both)")
   p.add_argument("--out", help="results folder (default: results/bench_commits)")
   p.add_argument("--smoke", action="store_true", help="tiny sizes; runs in seconds")
   p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -237,6 +240,10 @@ def main(argv=None) -> int:
   for f in dataclasses.fields(cfg):
     if getattr(args, f.name, None) is not None:
       setattr(cfg, f.name, getattr(args, f.name))
+  if isinstance(cfg.measure, str):
+    cfg.measure = tuple(m.strip() for m in cfg.measure.split(",") if m.strip())
+    if not cfg.measure or not set(cfg.measure) <= {"exact", "funnel"}:
+      p.error(f"--measure: expected exact, funnel or exact,funnel, got {args.measure!r}")
   schedule = parse_schedule(cfg.schedule, cfg.d, cfg.k)   # fails early on a bad one
   out = Path(cfg.out)
   if (out / "results.json").exists() and not args.overwrite:
