@@ -385,8 +385,14 @@ class MatryoshkaIndex:
 
   # ------------------------------------------------------------ search
 
-  def prepare_queries(self, query_embeddings) -> np.ndarray:
-    """Validates raw query embeddings [n_q, d_in] and adapts them: [n_q, d] float32."""
+  def prepare_queries(self, query_embeddings, *, adapted: bool = False) -> np.ndarray:
+    """Validates raw query embeddings [n_q, d_in] and adapts them: [n_q, d] float32.
+
+    With adapted=True they are already adapted vectors [n_q, d]: validated only.
+    """
+    if adapted:
+      q = check_embeddings(query_embeddings, name="query_embeddings", dim=self.d)
+      return np.asarray(q, np.float32)
     q = check_embeddings(query_embeddings, name="query_embeddings", dim=self.d_in)
     if self.adaptor is not None:
       return self.adaptor.apply(q)
@@ -407,10 +413,7 @@ class MatryoshkaIndex:
                        f"precisions, not both (got precision={precision!r}, schedule={schedule})")
     if precision is not None:
       quant.check_precision(precision)
-    if adapted:
-      q = check_embeddings(query_embeddings, name="query_embeddings", dim=self.d)
-    else:
-      q = self.prepare_queries(query_embeddings)
+    q = self.prepare_queries(query_embeddings, adapted=adapted)
     k = check_k(k, self.n, what="the index size")
     if schedule is None and dim is None and precision is None and self.schedule is not None:
       if self.schedule[-1][1] < k:
@@ -428,7 +431,6 @@ class MatryoshkaIndex:
     # search reads the full-size rows, so a search at one dim copies nothing.
     how = {"block_size": self.block_size, "query_batch": query_batch,
            "copy": schedule is not None and all(p == "float32" for _, _, p in stages)}
-    q = np.asarray(q, np.float32)
     if self._pool is not None:
       try:
         return self._pool.search(q, stages, k, **how)
@@ -456,8 +458,7 @@ class MatryoshkaIndex:
     Returns:
       (scores, rows): numpy [n_q, keep] each, best first; ties go to the lower row.
     """
-    q = (check_embeddings(query_embeddings, name="query_embeddings", dim=self.d) if adapted
-         else self.prepare_queries(query_embeddings))
+    q = self.prepare_queries(query_embeddings, adapted=adapted)
     candidates = np.asarray(candidates)
     if candidates.ndim != 2 or candidates.shape[0] != q.shape[0] or \
         not np.issubdtype(candidates.dtype, np.integer):
@@ -466,7 +467,7 @@ class MatryoshkaIndex:
     dim = self.d if dim is None else check_dim(dim, self.d)
     stage = check_schedule([(dim, check_k(keep, candidates.shape[1], name="keep",
                                          what="the candidates per query"), precision)], self.d)[0]
-    return self._arrays.rerank(np.asarray(q, np.float32), candidates, stage)
+    return self._arrays.rerank(q, candidates, stage)
 
   @_exclusive
   def search(self, query_embeddings, k: int, *, dim: int | None = None, schedule=None,

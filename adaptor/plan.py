@@ -67,7 +67,7 @@ import numpy as np
 
 from adaptor import quant
 from adaptor.checks import check_dim, check_k, check_positive
-from adaptor.data import InputError, atomic_file, check_embeddings
+from adaptor.data import InputError, atomic_file
 from adaptor.metrics import evaluate_topk, topk_overlap
 from adaptor.model import adaptor_fingerprint, default_dims
 from adaptor.search import Stage, check_schedule, format_schedule, schedule_cost
@@ -80,13 +80,6 @@ DEFAULT_QUALITY = 0.98
 
 def _fingerprint(index) -> str | None:
   return None if index.adaptor is None else adaptor_fingerprint(index.adaptor)
-
-
-def _adapted_queries(index, query_embeddings, adapted: bool) -> np.ndarray:
-  if adapted:
-    return check_embeddings(query_embeddings, name="query_embeddings",
-                            dim=index.d).astype(np.float32)
-  return index.prepare_queries(query_embeddings)
 
 
 # ---------------------------------------------------------------- recall target
@@ -193,7 +186,7 @@ def plan_schedule(index, query_embeddings, *, k: int = 10, target_recall: float 
     raise InputError(f"target_recall must be in (0, 1], got {target_recall!r}")
   n, d = index.n, index.d
   k = check_k(k, n, what="the index size")
-  q = _adapted_queries(index, query_embeddings, adapted)
+  q = index.prepare_queries(query_embeddings, adapted=adapted)
   corpus_size = n if corpus_size is None else check_positive(corpus_size, "corpus_size")
   first_dims = [m for m in index.dims if m < d] if first_dims is None else list(first_dims)
   middle_dims = first_dims if middle_dims is None else list(middle_dims)
@@ -590,7 +583,7 @@ def plan_budget(index, query_embeddings, *, k: int = 10, qrels=None, query_ids=N
     quality = DEFAULT_QUALITY
   d, n = index.d, index.n
   k = check_k(k, n, what="the index size")
-  q = _adapted_queries(index, query_embeddings, adapted)
+  q = index.prepare_queries(query_embeddings, adapted=adapted)
   if qrels is not None:
     if query_ids is None or len(query_ids) != q.shape[0]:
       raise InputError(f"query_ids must name the {q.shape[0]} validation queries when qrels are "
@@ -620,8 +613,8 @@ def plan_budget(index, query_embeddings, *, k: int = 10, qrels=None, query_ids=N
   candidates = []
   for schedule, size in zip(schedules, sizes):
     qual, ms = measure(work, q, schedule, k=k, qrels=qrels, query_ids=query_ids,
-                          reference=reference, repeats=repeats, query_batch=query_batch,
-                          time_queries=time_queries)
+                       reference=reference, repeats=repeats, query_batch=query_batch,
+                       time_queries=time_queries)
     candidates.append([schedule, size["first_stage"], size["stored"], qual, ms])
     if progress is not None:
       progress(f"{format_schedule(schedule)}: quality {qual:.4f}, {ms:.3f} ms/query "

@@ -255,9 +255,8 @@ class SearchArrays:
       return self.prefixes[dim]
     if dim > max(FIRST_STAGE_COPY_MIN, self.d // 8):
       return None
-    if dim not in self.prefixes:
-      self.prefixes[dim] = normalized_prefix(self.vectors, dim, inv_norms=self.norms(dim),
-                                             out=self.alloc((self.n, dim), np.float32))
+    self.prefixes[dim] = normalized_prefix(self.vectors, dim, inv_norms=self.norms(dim),
+                                           out=self.alloc((self.n, dim), np.float32))
     return self.prefixes[dim]
 
   def view(self) -> "SearchArrays":

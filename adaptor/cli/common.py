@@ -59,15 +59,25 @@ def argument_type(parse):
   return parse_arg
 
 
-def dims(text: str) -> tuple[int, ...]:
-  """ "16,32,64" -> (16, 32, 64): the argparse type of --dims."""
+def _ints(text: str, *, example: str, positive: bool) -> tuple[int, ...]:
   try:
     out = tuple(int(x) for x in text.split(",") if x.strip())
   except ValueError:
     out = ()
-  if not out:
-    raise argparse.ArgumentTypeError(f"expected comma-separated ints like 16,32,64, got {text!r}")
+  if not out or (positive and any(v < 1 for v in out)):
+    raise argparse.ArgumentTypeError(f"expected comma-separated {'positive ' if positive else ''}"
+                                     f"ints like {example}, got {text!r}")
   return out
+
+
+def dims(text: str) -> tuple[int, ...]:
+  """ "16,32,64" -> (16, 32, 64): the argparse type of --dims."""
+  return _ints(text, example="16,32,64", positive=False)
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+  """ "4,10,40" -> (4, 10, 40), every value >= 1: an argparse type."""
+  return _ints(text, example="4,10,40", positive=True)
 
 
 def add_input_args(p: argparse.ArgumentParser, *, with_beir: bool) -> None:

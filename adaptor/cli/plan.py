@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from adaptor.api import load
-from adaptor.cli.common import add_input_args, dims, load_inputs, load_query_files
+from adaptor.cli.common import (add_input_args, dims, load_inputs, load_query_files,
+                                positive_ints)
 from adaptor.data import InputError, check_output, load_beir
 from adaptor.index import MatryoshkaIndex
 from adaptor.plan import (CONVENTIONS, DEFAULT_QUALITY, Grid, plan_budget, plan_schedule,
@@ -58,17 +59,6 @@ examples (SciFact data shipped in data/; plan on the train queries, report on te
 # Options of one mode only, refused in the other: (flag, attribute, budget modes only).
 _MODE_OPTIONS = (("--corpus-size", "corpus_size", False), ("--shortlists", "shortlists", True),
                  ("--convention", "convention", True), ("--repeats", "repeats", True))
-
-
-def _positive_ints(text: str) -> tuple[int, ...]:
-  try:
-    out = tuple(int(x) for x in text.split(",") if x.strip())
-  except ValueError:
-    out = ()
-  if not out or any(v < 1 for v in out):
-    raise argparse.ArgumentTypeError(f"expected comma-separated positive ints like 4,10,40, "
-                                     f"got {text!r}")
-  return out
 
 
 def _positive_int(text: str) -> int:
@@ -212,7 +202,7 @@ def add_plan_command(subparsers) -> argparse.ArgumentParser:
                  "32,64,... and d; --recall default: the index's stored prefix dims)")
   p.add_argument("--corpus-size", type=_positive_int,
                  help="--recall: estimate costs for this many documents (default: the corpus's)")
-  p.add_argument("--shortlists", type=_positive_ints,
+  p.add_argument("--shortlists", type=positive_ints,
                  help="budget: first-stage keeps of two-stage funnels, as multiples of k "
                  "(default 4,10,40)")
   p.add_argument("--convention", choices=list(CONVENTIONS),
